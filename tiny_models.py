@@ -10,7 +10,6 @@ The tokenizers are real ``CLIPTokenizer``s over a small byte-level BPE vocabular
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -179,21 +178,7 @@ def build_tiny_sdxl(folder: Path, seed: int = TINY_SEED) -> None:
 
 
 def ensure_tiny_sdxl(seed: int = TINY_SEED) -> Path:
-    """The cached tiny pipeline folder, built atomically on first use."""
-    from base_model import cache_root
+    """The cached tiny pipeline folder, built on first use."""
+    from base_model import cached_build
 
-    folder = cache_root() / f"tiny-sdxl-{TINY_VERSION}-seed{seed}"
-    if (folder / "model_index.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=folder.parent))
-    try:
-        build_tiny_sdxl(staging, seed)
-        try:
-            os.rename(staging, folder)
-        except OSError:  # another process built it first
-            if not (folder / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
+    return cached_build(f"tiny-sdxl-{TINY_VERSION}-seed{seed}", lambda folder: build_tiny_sdxl(folder, seed))
