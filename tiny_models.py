@@ -9,6 +9,7 @@ The tokenizers are real ``CLIPTokenizer``s over a small byte-level BPE vocabular
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 import tempfile
@@ -83,13 +84,13 @@ def write_clip_bpe(folder: Path, words: tuple[str, ...] | list[str] = _WORDS, pa
         add_word_chain(word)
     if target_vocab is not None:
         letters = "abcdefghijklmnopqrstuvwxyz"
-        filler = (x + y for x in letters for y in letters)
-        filler3 = (x + y + z for x in letters for y in letters for z in letters)
-        for source in (filler, filler3):
-            for word in source:
-                if len(vocab) >= target_vocab - 2:
-                    break
-                add_word_chain(word)
+        fillers = ("".join(p) for n in (2, 3, 4) for p in itertools.product(letters, repeat=n))
+        for word in fillers:
+            if len(vocab) >= target_vocab - 2:
+                break
+            add_word_chain(word)
+        del vocab[target_vocab - 2:]
+        merges = merges[: len(vocab) - 2 * len(chars)]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
