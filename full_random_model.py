@@ -78,17 +78,21 @@ def build_random_full_sdxl(folder: Path, seed: int = 0, dtype: torch.dtype = tor
     if len(tokenizer) != CLIP_VOCAB:
         raise RuntimeError(f"random-full tokenizer has {len(tokenizer)} entries, expected {CLIP_VOCAB}")
     torch.manual_seed(seed)
-    pipe = StableDiffusionXLPipeline(
-        vae=AutoencoderKL(**SDXL_VAE),
-        text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L)),
-        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG)),
-        tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2,
-        unet=UNet2DConditionModel(**SDXL_UNET),
-        scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
-        force_zeros_for_empty_prompt=True,
-    )
-    pipe.to(dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # build directly in bf16: half the peak memory of building in float32
+    try:
+        pipe = StableDiffusionXLPipeline(
+            vae=AutoencoderKL(**SDXL_VAE),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**CLIP_L)),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG)),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer_2,
+            unet=UNet2DConditionModel(**SDXL_UNET),
+            scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
+            force_zeros_for_empty_prompt=True,
+        )
+    finally:
+        torch.set_default_dtype(previous)
     pipe.save_pretrained(folder, safe_serialization=True)
 
 
