@@ -20,5 +20,26 @@ venv: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
+# The demo: four photos that scikit-image ships → preprocess → train briefly → predict with the trained tar, all on
+# the tiny base model (real SDXL architecture, random weights: the images are noise) on the CPU.
+DEMO ?= demo_out
+DEMO_ENV := SDXL_MODEL=tiny COG_SDXL_CACHE=$(CURDIR)/.cache
+
+demo: $(VENV)/.installed
+	$(PY) scripts/demo_photos.py $(DEMO)/photos.zip
+	$(DEMO_ENV) $(PY) -c "from base_model import resolve_model_dir; print('tiny base model:', resolve_model_dir('tiny'))"
+	$(DEMO_ENV) $(PY) cog_local.py train -o $(DEMO)/train -i input_images=@$(DEMO)/photos.zip \
+		-i token_string=TOK -i caption_prefix="a photo of TOK" -i resolution=64 -i max_train_steps=40 -i seed=0
+	$(DEMO_ENV) $(PY) cog_local.py predict -o $(DEMO)/predict -i replicate_weights=@$(DEMO)/train/trained_model.tar \
+		-i prompt="a photo of TOK" -i width=128 -i height=128 -i num_inference_steps=8 -i seed=0 -i output_format=png
+	@echo
+	@echo "trained weights: $(CURDIR)/$(DEMO)/train/trained_model.tar"
+	@echo "images:          $$(ls -d $(CURDIR)/$(DEMO)/predict/*)"
+
+# After changing a train()/predict() signature: rewrite .cog/openapi_schema.json (the Cog server validates inputs
+# with it) and the input tables in README.md. tests/test_packaging.py fails until this has been run.
+schema: $(VENV)/.installed
+	$(PY) scripts/generate_openapi.py
+
 clean:
 	rm -rf $(VENV) .cache demo_out

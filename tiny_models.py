@@ -183,3 +183,66 @@ def ensure_tiny_sdxl(seed: int = TINY_SEED) -> Path:
     from base_model import cached_build
 
     return cached_build(f"tiny-sdxl-{TINY_VERSION}-seed{seed}", lambda folder: build_tiny_sdxl(folder, seed))
+
+
+TINY_REFINER_VERSION = "v1"
+TINY_SAFETY_VERSION = "v1"
+
+
+def tiny_refiner_unet_config() -> dict:
+    """The refiner's UNet: cross-attention on the second text encoder only (width 64), and five time ids
+    (original size, crop, aesthetic score) instead of the base's six, as in SDXL's refiner."""
+    config = dict(tiny_configs(vocab_size=0)["unet"])
+    text_width, time_embed = 64, config["addition_time_embed_dim"]
+    config.update(cross_attention_dim=text_width, projection_class_embeddings_input_dim=text_width + 5 * time_embed)
+    return config
+
+
+def build_tiny_refiner(folder: Path, seed: int = TINY_SEED) -> None:
+    """A refiner pipeline folder (``StableDiffusionXLImg2ImgPipeline`` with ``requires_aesthetics_score``) whose
+    VAE, second text encoder and tokenizer are the tiny base's, like SDXL's refiner shares the base's."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, \
+        UNet2DConditionModel
+
+    base = StableDiffusionXLPipeline.from_pretrained(ensure_tiny_sdxl(seed))
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(**tiny_refiner_unet_config())
+    refiner = StableDiffusionXLImg2ImgPipeline(
+        vae=base.vae, text_encoder=None, text_encoder_2=base.text_encoder_2, tokenizer=None,
+        tokenizer_2=base.tokenizer_2, unet=unet, scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG),
+        requires_aesthetics_score=True, force_zeros_for_empty_prompt=False,
+    )
+    refiner.save_pretrained(folder, safe_serialization=True)
+
+
+def ensure_tiny_refiner(seed: int = TINY_SEED) -> Path:
+    """The cached tiny refiner folder, built atomically on first use."""
+    from base_model import cached_build
+
+    return cached_build(f"tiny-sdxl-refiner-{TINY_REFINER_VERSION}-seed{seed}",
+                        lambda folder: build_tiny_refiner(folder, seed))
+
+
+def build_tiny_safety_checker(folder: Path, seed: int = TINY_SEED) -> None:
+    """``safety_checker/`` (a ``StableDiffusionSafetyChecker`` over a tiny CLIP vision tower) and
+    ``feature_extractor/`` (a ``CLIPImageProcessor`` at the tower's 32-pixel input size) under ``folder``."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    vision = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, image_size=32,
+                  patch_size=8, projection_dim=32)
+    text = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=99,
+                projection_dim=32, bos_token_id=97, eos_token_id=98, pad_token_id=1)
+    torch.manual_seed(seed + 2)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(text_config=text, vision_config=vision, projection_dim=32))
+    checker.save_pretrained(folder / "safety_checker", safe_serialization=True)
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(folder / "feature_extractor")
+
+
+def ensure_tiny_safety_checker(seed: int = TINY_SEED) -> Path:
+    """The cached tiny safety-checker folder (``safety_checker/`` and ``feature_extractor/``)."""
+    from base_model import cached_build
+
+    return cached_build(f"tiny-safety-checker-{TINY_SAFETY_VERSION}-seed{seed}",
+                        lambda folder: build_tiny_safety_checker(folder, seed))

@@ -1,0 +1,347 @@
+"""SDXL image generation for the predictor: txt2img, img2img and inpaint pipelines over one set of components,
+the refiner (sharing the base's VAE and second text encoder), schedulers by name, the safety checker, the
+invisible watermark, and writing the images as webp/jpg/png.
+
+Nothing here knows about Cog; :mod:`predict` turns Cog inputs into a :class:`GenerationRequest`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
+    StableDiffusionXLPipeline,
+    UniPCMultistepScheduler,
+)
+from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+from diffusers.pipelines.stable_diffusion_xl.watermark import StableDiffusionXLWatermarker
+from PIL import Image, UnidentifiedImageError
+from transformers import CLIPImageProcessor
+
+from base_model import TINY, Runtime, is_hub_id, load_sdxl_pipeline, model_spec, pick_runtime
+
+logger = logging.getLogger(__name__)
+
+REFINER_MODEL = "stabilityai/stable-diffusion-xl-refiner-1.0"
+SAFETY_CHECKER_MODEL = "CompVis/stable-diffusion-safety-checker"
+FEATURE_EXTRACTOR_MODEL = "openai/clip-vit-base-patch32"
+
+SCHEDULERS: dict[str, Callable[[dict], object]] = {
+    "DDIM": DDIMScheduler.from_config,
+    "DPMSolverMultistep": DPMSolverMultistepScheduler.from_config,
+    "HeunDiscrete": HeunDiscreteScheduler.from_config,
+    "KarrasDPM": lambda config: DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True),
+    "K_EULER_ANCESTRAL": EulerAncestralDiscreteScheduler.from_config,
+    "K_EULER": EulerDiscreteScheduler.from_config,
+    "PNDM": PNDMScheduler.from_config,
+    "DPM++2MKarras": lambda config: DPMSolverMultistepScheduler.from_config(
+        config, algorithm_type="dpmsolver++", solver_order=2, use_karras_sigmas=True),
+    "DPM++2MSDEKarras": lambda config: DPMSolverMultistepScheduler.from_config(
+        config, algorithm_type="sde-dpmsolver++", solver_order=2, use_karras_sigmas=True),
+    "UniPC": UniPCMultistepScheduler.from_config,
+}
+REFINE_MODES = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
+OUTPUT_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
+MAX_OUTPUTS = 4
+REFINER_STRENGTH = 0.3  # how much of the schedule base_image_refiner re-runs (the refiner pipeline's default)
+
+
+class GenerationInputError(ValueError):
+    """A generation input is invalid; the message is one line naming the input."""
+
+
+class NSFWError(ValueError):
+    """Every image of the request was flagged by the safety checker."""
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which models the predictor loads (env ``SDXL_MODEL``, ``SDXL_REFINER_MODEL``, ``SAFETY_CHECKER_MODEL``,
+    ``FEATURE_EXTRACTOR_MODEL``, ``SDXL_PRECISION``). With the tiny base, the refiner and the safety checker
+    default to tiny models of their real classes."""
+
+    base_model: str
+    refiner_model: str
+    safety_checker_model: str
+    feature_extractor_model: str
+    precision: str = "auto"
+    max_image_side: int = 2048
+    min_image_side: int = 64
+
+    @classmethod
+    def from_env(cls) -> ModelSettings:
+        base = model_spec()
+        tiny = base == TINY
+        return cls(
+            base_model=base,
+            refiner_model=os.environ.get("SDXL_REFINER_MODEL") or (TINY if tiny else REFINER_MODEL),
+            safety_checker_model=os.environ.get("SAFETY_CHECKER_MODEL") or (TINY if tiny else SAFETY_CHECKER_MODEL),
+            feature_extractor_model=os.environ.get("FEATURE_EXTRACTOR_MODEL")
+            or (TINY if tiny else FEATURE_EXTRACTOR_MODEL),
+            precision=os.environ.get("SDXL_PRECISION") or "auto",
+        )
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """One prediction's generation inputs (replicate/cog-sdxl names and meanings)."""
+
+    prompt: str
+    negative_prompt: str
+    image: Path | None
+    mask: Path | None
+    width: int
+    height: int
+    num_outputs: int
+    scheduler: str
+    num_inference_steps: int
+    guidance_scale: float
+    prompt_strength: float
+    seed: int
+    refine: str
+    high_noise_frac: float
+    refine_steps: int | None
+    apply_watermark: bool
+    disable_safety_checker: bool
+    output_format: str
+    output_quality: int
+
+    @property
+    def mode(self) -> str:
+        if self.image is not None and self.mask is not None:
+            return "inpaint"
+        return "img2img" if self.image is not None else "txt2img"
+
+
+@dataclass
+class SDXLModels:
+    """The loaded models. ``txt2img``, ``img2img`` and ``inpaint`` share every component object."""
+
+    runtime: Runtime
+    settings: ModelSettings
+    txt2img: StableDiffusionXLPipeline
+    img2img: StableDiffusionXLImg2ImgPipeline
+    inpaint: StableDiffusionXLInpaintPipeline
+    refiner: StableDiffusionXLImg2ImgPipeline
+    safety_checker: StableDiffusionSafetyChecker
+    feature_extractor: CLIPImageProcessor
+    watermarker: StableDiffusionXLWatermarker
+    scheduler_config: dict
+    refiner_scheduler_config: dict
+
+    @property
+    def text_pipelines(self) -> list:
+        """Every pipeline that tokenizes prompts, the base first (trained weights swap tokenizers on all)."""
+        return [self.txt2img, self.img2img, self.inpaint, self.refiner]
+
+
+def load_models(settings: ModelSettings, runtime: Runtime | None = None) -> SDXLModels:
+    """Load the base pipeline, build img2img/inpaint on its components, load the refiner and the safety checker."""
+    runtime = runtime or pick_runtime(settings.precision)
+    txt2img = load_sdxl_pipeline(settings.base_model, runtime)
+    components = txt2img.components
+    img2img = StableDiffusionXLImg2ImgPipeline(**components)
+    inpaint = StableDiffusionXLInpaintPipeline(**components)
+    refiner = _load_refiner(settings.refiner_model, txt2img, runtime)
+    safety_checker, feature_extractor = _load_safety_checker(settings, runtime)
+    for pipe in (img2img, inpaint, refiner):
+        pipe.set_progress_bar_config(disable=True)
+    return SDXLModels(
+        runtime=runtime, settings=settings, txt2img=txt2img, img2img=img2img, inpaint=inpaint, refiner=refiner,
+        safety_checker=safety_checker, feature_extractor=feature_extractor,
+        watermarker=StableDiffusionXLWatermarker(), scheduler_config=dict(txt2img.scheduler.config),
+        refiner_scheduler_config=dict(refiner.scheduler.config),
+    )
+
+
+def _load_refiner(spec: str, base: StableDiffusionXLPipeline, runtime: Runtime) -> StableDiffusionXLImg2ImgPipeline:
+    source: Path | str
+    if spec == TINY:
+        from tiny_models import ensure_tiny_refiner
+
+        source = ensure_tiny_refiner()
+    else:
+        source = spec
+    kwargs: dict = {"dtype": runtime.dtype if runtime.device.type == "cuda" else torch.float32}
+    if is_hub_id(source) and runtime.dtype == torch.float16:
+        kwargs.update(variant="fp16", use_safetensors=True)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
+        source, vae=base.vae, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, **kwargs)
+    return refiner.to(runtime.device)
+
+
+def _load_safety_checker(settings: ModelSettings, runtime: Runtime) -> tuple[StableDiffusionSafetyChecker,
+                                                                             CLIPImageProcessor]:
+    checker_source: Path | str = settings.safety_checker_model
+    extractor_source: Path | str = settings.feature_extractor_model
+    checker_folder = extractor_folder = None
+    if TINY in (checker_source, extractor_source):
+        from tiny_models import ensure_tiny_safety_checker
+
+        tiny = ensure_tiny_safety_checker()
+        checker_folder, extractor_folder = tiny / "safety_checker", tiny / "feature_extractor"
+    checker = StableDiffusionSafetyChecker.from_pretrained(
+        checker_folder if checker_source == TINY else checker_source,
+        dtype=runtime.dtype if runtime.device.type == "cuda" else torch.float32)
+    extractor = CLIPImageProcessor.from_pretrained(extractor_folder if extractor_source == TINY else extractor_source)
+    return checker.to(runtime.device), extractor
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def validate_request(request: GenerationRequest, settings: ModelSettings) -> None:
+    """Refuse invalid inputs with a one-line :class:`GenerationInputError`."""
+    for name, value in (("width", request.width), ("height", request.height)):
+        if value % 8:
+            raise GenerationInputError(f"{name}={value} is not a multiple of 8")
+        if not settings.min_image_side <= value <= settings.max_image_side:
+            raise GenerationInputError(
+                f"{name}={value} is outside {settings.min_image_side}..{settings.max_image_side} pixels")
+    if request.mask is not None and request.image is None:
+        raise GenerationInputError("mask was given without image (inpainting needs both)")
+    if not 1 <= request.num_outputs <= MAX_OUTPUTS:
+        raise GenerationInputError(f"num_outputs={request.num_outputs} is outside 1..{MAX_OUTPUTS}")
+    if request.scheduler not in SCHEDULERS:
+        raise GenerationInputError(f"scheduler={request.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    if request.refine not in REFINE_MODES:
+        raise GenerationInputError(f"refine={request.refine!r} is not one of {', '.join(REFINE_MODES)}")
+    if request.output_format not in OUTPUT_FORMATS:
+        raise GenerationInputError(f"output_format={request.output_format!r} is not one of "
+                                   f"{', '.join(OUTPUT_FORMATS)}")
+    ranges = (("num_inference_steps", request.num_inference_steps, 1, 500),
+              ("guidance_scale", request.guidance_scale, 1, 50), ("prompt_strength", request.prompt_strength, 0, 1),
+              ("high_noise_frac", request.high_noise_frac, 0, 1), ("output_quality", request.output_quality, 0, 100))
+    for name, value, low, high in ranges:
+        if not low <= value <= high:
+            raise GenerationInputError(f"{name}={value} is outside {low}..{high}")
+    if request.refine_steps is not None and request.refine_steps < 1:
+        raise GenerationInputError(f"refine_steps={request.refine_steps} must be at least 1")
+    if request.mode != "txt2img" and int(request.num_inference_steps * request.prompt_strength) < 1:
+        raise GenerationInputError(f"prompt_strength={request.prompt_strength} with num_inference_steps="
+                                   f"{request.num_inference_steps} leaves no denoising step; raise either")
+    refine_steps = request.refine_steps or request.num_inference_steps
+    if request.refine == "base_image_refiner" and int(refine_steps * REFINER_STRENGTH) < 1:
+        raise GenerationInputError(f"base_image_refiner runs {REFINER_STRENGTH} of refine_steps={refine_steps}, "
+                                   f"which is no step; use at least {int(1 / REFINER_STRENGTH) + 1}")
+
+
+def check_prompt_length(prompt: str, tokenizers: Sequence, what: str = "prompt") -> None:
+    """Refuse a prompt longer than the text encoders read (CLIP: 77 tokens with start and end)."""
+    for tokenizer in tokenizers:
+        if tokenizer is None:
+            continue
+        limit = tokenizer.model_max_length - 2
+        count = len(tokenizer(prompt, add_special_tokens=False).input_ids)
+        if count > limit:
+            raise GenerationInputError(f"{what} is {count} tokens long; the limit is {limit}")
+
+
+def load_input_image(path: Path, what: str, mode: str = "RGB") -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert(mode)
+    except (UnidentifiedImageError, OSError) as error:
+        raise GenerationInputError(f"{what} {Path(path).name} is not a readable image ({error})") from None
+
+
+# ---------------------------------------------------------------------------------------------- generation
+
+
+def _set_call_state(pipe, models: SDXLModels, scheduler: str, apply_watermark: bool, config: dict) -> None:
+    """Per-call pipeline state, set explicitly on every call so nothing leaks from one prediction to the next."""
+    pipe.scheduler = SCHEDULERS[scheduler](config)
+    pipe.watermark = models.watermarker if apply_watermark else None
+
+
+def generate(models: SDXLModels, request: GenerationRequest, prompt: str) -> list[Image.Image]:
+    """Run the request (``prompt`` is the prompt with trigger words already expanded); return PIL images."""
+    pipe, kwargs = _mode_pipeline(models, request)
+    refine = request.refine != "no_refiner"
+    _set_call_state(pipe, models, request.scheduler, request.apply_watermark and not refine, models.scheduler_config)
+    generator = torch.Generator(models.runtime.device.type).manual_seed(request.seed)
+    common = dict(prompt=[prompt] * request.num_outputs, negative_prompt=[request.negative_prompt] * request.num_outputs,
+                  guidance_scale=request.guidance_scale, generator=generator,
+                  num_inference_steps=request.num_inference_steps)
+    if request.refine == "expert_ensemble_refiner":
+        kwargs.update(output_type="latent", denoising_end=request.high_noise_frac)
+    elif request.refine == "base_image_refiner":
+        kwargs.update(output_type="latent")
+    with torch.inference_mode():
+        images = pipe(**common, **kwargs).images
+        if not refine:
+            return images
+        _set_call_state(models.refiner, models, request.scheduler, request.apply_watermark,
+                        models.refiner_scheduler_config)
+        refiner_kwargs: dict = {"image": images}
+        if request.refine == "expert_ensemble_refiner":
+            refiner_kwargs["denoising_start"] = request.high_noise_frac
+        else:
+            refiner_kwargs["strength"] = REFINER_STRENGTH
+            common["num_inference_steps"] = request.refine_steps or request.num_inference_steps
+        return models.refiner(**common, **refiner_kwargs).images
+
+
+def _mode_pipeline(models: SDXLModels, request: GenerationRequest) -> tuple[object, dict]:
+    if request.mode == "inpaint":
+        return models.inpaint, dict(image=load_input_image(request.image, "image"),
+                                    mask_image=load_input_image(request.mask, "mask", "L"),
+                                    strength=request.prompt_strength, width=request.width, height=request.height)
+    if request.mode == "img2img":
+        # Like cog-sdxl: img2img keeps the input image's size.
+        return models.img2img, dict(image=load_input_image(request.image, "image"), strength=request.prompt_strength)
+    return models.txt2img, dict(width=request.width, height=request.height)
+
+
+def flag_nsfw(models: SDXLModels, images: list[Image.Image]) -> list[bool]:
+    """The safety checker's verdict per image."""
+    clip_input = models.feature_extractor(images, return_tensors="pt").pixel_values
+    checker = models.safety_checker
+    with torch.inference_mode():
+        _, flagged = checker(images=[np.array(image) for image in images],
+                             clip_input=clip_input.to(models.runtime.device, checker.dtype))
+    return [bool(f) for f in flagged]
+
+
+def save_images(images: list[Image.Image], out_dir: Path, output_format: str, quality: int,
+                keep: list[bool] | None = None) -> list[Path]:
+    """Write ``out-<index>.<format>`` for each kept image, in order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, image in enumerate(images):
+        if keep is not None and not keep[index]:
+            continue
+        path = out_dir / f"out-{index}.{output_format}"
+        options = {} if output_format == "png" else {"quality": quality}
+        image.convert("RGB").save(path, OUTPUT_FORMATS[output_format], **options)
+        paths.append(path)
+    return paths
+
+
+def generate_files(models: SDXLModels, request: GenerationRequest, prompt: str, out_dir: Path) -> list[Path]:
+    """Generate, drop images the safety checker flags (unless disabled), and save the rest."""
+    images = generate(models, request, prompt)
+    keep = None
+    if not request.disable_safety_checker:
+        flagged = flag_nsfw(models, images)
+        for index in (i for i, f in enumerate(flagged) if f):
+            logger.warning("NSFW content detected in image %d", index)
+        if all(flagged):
+            raise NSFWError("NSFW content detected. Try running it again, or try a different prompt.")
+        keep = [not f for f in flagged]
+    return save_images(images, out_dir, request.output_format, request.output_quality, keep)

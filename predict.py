@@ -1,0 +1,133 @@
+"""Cog predictor: SDXL txt2img / img2img / inpaint / refiner with trained weights hot-loaded per call.
+
+A thin adapter: Cog inputs (the names, types, defaults and meanings of replicate/cog-sdxl, plus ``output_format``,
+``output_quality`` and newer schedulers) become a :class:`generation.GenerationRequest`; the weights are switched by
+:class:`weights_manager.WeightsManager`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from typing import Optional, Union
+
+from cog import BasePredictor, Input, Path
+
+from generation import (
+    OUTPUT_FORMATS,
+    REFINE_MODES,
+    SCHEDULERS,
+    GenerationRequest,
+    ModelSettings,
+    check_prompt_length,
+    generate_files,
+    load_models,
+    validate_request,
+)
+from weights_manager import WeightsManager, WeightsSettings
+
+logger = logging.getLogger(__name__)
+
+
+def weights_source(weights: Path | str | None) -> str | None:
+    """The weights Cog passed to ``setup`` (``COG_WEIGHTS``) as a source string; Cog's placeholder "weights"
+    path that does not exist means none, as in cog-sdxl."""
+    if weights is None or str(weights).strip() == "":
+        return None
+    text = str(weights)
+    if text == "weights" and not os.path.exists(text):
+        return None
+    return text
+
+
+class Predictor(BasePredictor):
+    def setup(self, weights: Optional[Union[Path, str]] = None) -> None:
+        """Load the base model, refiner and safety checker once; preload ``weights`` (the default weights)."""
+        started = time.perf_counter()
+        self.models = load_models(ModelSettings.from_env())
+        self.weights = WeightsManager(self.models.text_pipelines, WeightsSettings.from_env())
+        self.default_weights = weights_source(weights)
+        if self.default_weights:
+            self.weights.use(self.default_weights, lora_scale=0.6)
+        logger.info("setup took %.1fs", time.perf_counter() - started)
+
+    def predict(
+        self,
+        prompt: str = Input(description="Input prompt", default="An astronaut riding a rainbow unicorn"),
+        negative_prompt: str = Input(description="Input Negative Prompt", default=""),
+        image: Optional[Path] = Input(description="Input image for img2img or inpaint mode", default=None),
+        mask: Optional[Path] = Input(
+            description="Input mask for inpaint mode. Black areas will be preserved, white areas will be inpainted.",
+            default=None,
+        ),
+        width: int = Input(description="Width of output image", default=1024),
+        height: int = Input(description="Height of output image", default=1024),
+        num_outputs: int = Input(description="Number of images to output.", ge=1, le=4, default=1),
+        scheduler: str = Input(description="scheduler", choices=list(SCHEDULERS), default="K_EULER"),
+        num_inference_steps: int = Input(description="Number of denoising steps", ge=1, le=500, default=50),
+        guidance_scale: float = Input(description="Scale for classifier-free guidance", ge=1, le=50, default=7.5),
+        prompt_strength: float = Input(
+            description="Prompt strength when using img2img / inpaint. 1.0 corresponds to full destruction of "
+            "information in image",
+            ge=0.0, le=1.0, default=0.8,
+        ),
+        seed: Optional[int] = Input(description="Random seed. Leave blank to randomize the seed", default=None),
+        refine: str = Input(description="Which refine style to use", choices=list(REFINE_MODES), default="no_refiner"),
+        high_noise_frac: float = Input(
+            description="For expert_ensemble_refiner, the fraction of noise to use", ge=0.0, le=1.0, default=0.8
+        ),
+        refine_steps: Optional[int] = Input(
+            description="For base_image_refiner, the number of steps to refine, defaults to num_inference_steps",
+            default=None,
+        ),
+        apply_watermark: bool = Input(
+            description="Applies a watermark to enable determining if an image is generated in downstream "
+            "applications. If you have other provisions for generating or deploying images safely, you can use "
+            "this to disable watermarking.",
+            default=True,
+        ),
+        lora_scale: float = Input(
+            description="LoRA additive scale. Only applicable on trained models.", ge=0.0, le=1.0, default=0.6
+        ),
+        replicate_weights: Optional[str] = Input(
+            description="Replicate LoRA weights to use. Leave blank to use the default weights.", default=None
+        ),
+        disable_safety_checker: bool = Input(
+            description="Disable safety checker for generated images. This feature is only available through the "
+            "API. See [https://replicate.com/docs/how-does-replicate-work#safety]"
+            "(https://replicate.com/docs/how-does-replicate-work#safety)",
+            default=False,
+        ),
+        output_format: str = Input(
+            description="Format of the output images", choices=list(OUTPUT_FORMATS), default="webp"
+        ),
+        output_quality: int = Input(
+            description="Quality when saving the output images, from 0 to 100. 100 is best quality, 0 is lowest "
+            "quality. Not relevant for .png outputs",
+            ge=0, le=100, default=80,
+        ),
+    ) -> list[Path]:
+        """Run a single prediction on the model."""
+        if seed is None:
+            seed = int.from_bytes(os.urandom(2), "big")
+        logger.info("Using seed: %d", seed)
+        request = GenerationRequest(
+            prompt=prompt, negative_prompt=negative_prompt, image=image, mask=mask, width=width, height=height,
+            num_outputs=num_outputs, scheduler=scheduler, num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale, prompt_strength=prompt_strength, seed=seed, refine=refine,
+            high_noise_frac=high_noise_frac, refine_steps=refine_steps, apply_watermark=apply_watermark,
+            disable_safety_checker=disable_safety_checker, output_format=output_format, output_quality=output_quality,
+        )
+        validate_request(request, self.models.settings)
+        self.weights.use(replicate_weights or self.default_weights, lora_scale)
+        expanded = self.weights.expand_prompt(prompt)
+        check_prompt_length(expanded, self.weights.tokenizers())
+        check_prompt_length(negative_prompt, self.weights.tokenizers(), "negative_prompt")
+        out_dir = Path(tempfile.mkdtemp(prefix="predict-"))
+        paths = generate_files(self.models, request, expanded, out_dir)
+        self.record_metric("num_outputs", num_outputs)
+        self.record_metric("width", width)
+        self.record_metric("height", height)
+        return [Path(p) for p in paths]

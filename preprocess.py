@@ -1,0 +1,277 @@
+"""Turn an upload (zip/tar archive or folder of photos) into the dataset folder the trainer reads.
+
+The dataset layout is the contract in docs/CONTRACTS.md: images/, masks/, captions.csv and preview.png. The folder is
+built in a staging folder next to `output_dir` and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from base_model import pick_runtime
+from captioning import DEFAULT_CAPTIONER, automatic_captions, load_captioner, sidecar_captions, table_captions
+from contact_sheet import SheetEntry, write_contact_sheet
+from cropping import Crop, centre_of, centre_of_mass, crop_around, cut, cut_mask, nearest_bucket, sdxl_buckets
+from image_loading import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    IMAGE_SUFFIXES,
+    ImageBombError,
+    Photo,
+    UnreadableImageError,
+    list_upload_files,
+    load_photo,
+    note_non_images,
+)
+from masking import ClipSegMasker, FaceMasker
+from safe_archive import ExtractionLimits, safe_extract
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CLIPSEG = "CIDAS/clipseg-rd64-refined"
+PHOTO_ARCHIVE_LIMITS = ExtractionLimits(max_members=10_000, max_total_bytes=4 * 1024**3,
+                                        max_member_bytes=256 * 1024**2, max_ratio=100.0)
+CAPTIONS_HEADER = ("image_file", "mask_file", "caption", "original_width", "original_height", "crop_top", "crop_left",
+                   "width", "height")
+CLIPSEG_MAX_SIDE = 512  # CLIPSeg sees 352x352; a larger copy only costs time
+MAX_REASONS_IN_ERROR = 3
+
+
+class PreprocessError(ValueError):
+    """The upload cannot become a training set; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class PreprocessSettings:
+    resolution: int = 1024  # side of square crops, or the ~pixel budget (resolution²) of buckets
+    token_string: str = "TOK"  # trigger word; kept in this exact case in every caption
+    caption_prefix: str = "a photo of TOK, "
+    captioning_model: str | None = DEFAULT_CAPTIONER  # model id or folder; None: no automatic captions
+    use_face_detection_instead: bool = False
+    mask_target_prompts: str | None = None  # CLIPSeg prompt, e.g. "a photo of a dog"
+    clipseg_model: str = DEFAULT_CLIPSEG
+    clipseg_temperature: float = 1.0
+    crop_based_on_salience: bool = True  # centre crops on the face / mask instead of the image's middle
+    use_bucketing: bool = False  # keep aspect ratios: nearest SDXL bucket instead of square crops
+    input_images_filetype: str = "infer"  # cog-sdxl's "zip" | "tar" | "infer"; the content decides
+    mask_floor: float = 0.1  # weight of pixels outside the face/prompted region
+    detection_max_side: int = 1024  # photos are downscaled to this before face detection
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    extraction_limits: ExtractionLimits = PHOTO_ARCHIVE_LIMITS
+    caption_batch_size: int = 4
+    device: str | None = None  # None: base_model.pick_runtime's choice
+
+    def __post_init__(self) -> None:
+        if self.resolution < 64 or self.resolution % 64:
+            raise PreprocessError(f"resolution must be a positive multiple of 64, got {self.resolution}")
+        if not 0.0 <= self.mask_floor <= 1.0:
+            raise PreprocessError(f"mask_floor must be between 0 and 1, got {self.mask_floor}")
+        if self.clipseg_temperature <= 0:
+            raise PreprocessError(f"clipseg_temperature must be positive, got {self.clipseg_temperature}")
+        if self.detection_max_side < 128:
+            raise PreprocessError(f"detection_max_side must be at least 128, got {self.detection_max_side}")
+
+    @property
+    def mask_mode(self) -> str:
+        if self.use_face_detection_instead:
+            return "face"
+        return "prompt" if self.mask_target_prompts else "none"
+
+
+@dataclass
+class TrainingImage:
+    source: Path
+    name: str  # relative to the upload root
+    image_file: str  # relative to the dataset folder
+    mask_file: str | None
+    original_size: tuple[int, int]
+    crop: Crop
+    notes: list[str] = field(default_factory=list)
+
+
+def preprocess(input_images: Path, output_dir: Path, settings: PreprocessSettings) -> Path:
+    """Build the dataset folder for `input_images` (archive or folder) at `output_dir`, which must not exist or be
+    empty; return `output_dir`."""
+    input_images, output_dir = Path(input_images), Path(output_dir)
+    if not input_images.exists():
+        raise PreprocessError(f"{input_images}: no such file or folder")
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise PreprocessError(f"{output_dir}: output folder already exists and is not empty")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    device = torch.device(settings.device) if settings.device else pick_runtime("fp32").device
+    with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}.preprocess-", dir=output_dir.parent) as work:
+        work_dir = Path(work)
+        root = upload_root(input_images, work_dir, settings)
+        image_paths, other_paths = list_upload_files(root)
+        note_non_images(root, other_paths)
+        if not image_paths:
+            raise PreprocessError(f"{input_images.name}: no images found (looked for "
+                                  f"{', '.join(sorted(IMAGE_SUFFIXES))} among {len(other_paths)} files)")
+        staging = work_dir / "dataset"
+        (staging / "images").mkdir(parents=True)
+        training_images = crop_and_mask(root, image_paths, staging, settings, device)
+        captions = collect_captions(root, training_images, other_paths, staging, settings, device)
+        write_captions_csv(staging / "captions.csv", training_images, captions)
+        write_contact_sheet([sheet_entry(staging, item, captions[item.name]) for item in training_images],
+                            staging / "preview.png")
+        if output_dir.exists():
+            output_dir.rmdir()
+        staging.rename(output_dir)
+    logger.info("dataset of %d images written to %s", len(training_images), output_dir)
+    return output_dir
+
+
+def upload_root(input_images: Path, work_dir: Path, settings: PreprocessSettings) -> Path:
+    if input_images.is_dir():
+        return input_images
+    root = work_dir / "upload"
+    safe_extract(input_images, root, settings.extraction_limits, declared=settings.input_images_filetype)
+    return root
+
+
+class MaskSource:
+    """The mask and crop focus for each photo, from the source the settings name; models load on first use, so a
+    run whose photos are all unusable fails before any model loads."""
+
+    def __init__(self, settings: PreprocessSettings, device: torch.device, stack: ExitStack) -> None:
+        self.settings = settings
+        self.device = device
+        self.stack = stack
+        self.face_masker: FaceMasker | None = None
+        self.clipseg: ClipSegMasker | None = None
+
+    def mask_and_focus(self, photo: Photo, notes: list[str]) -> tuple[Image.Image | None, tuple[float, float]]:
+        size = photo.image.size
+        if self.settings.mask_mode == "face":
+            return self.face(photo, notes)
+        if self.settings.mask_mode == "prompt":
+            mask = self.prompt_masker().prompt_mask(photo.image, self.settings.mask_target_prompts or "")
+            return mask, centre_of_mass(mask, baseline=round(self.settings.mask_floor * 255))
+        return None, centre_of(size)
+
+    def face(self, photo: Photo, notes: list[str]) -> tuple[Image.Image, tuple[float, float]]:
+        if self.face_masker is None:
+            self.face_masker = self.stack.enter_context(
+                FaceMasker(self.settings.detection_max_side, self.settings.mask_floor))
+        found = self.face_masker.face_mask(photo.image)
+        if found is None:
+            logger.warning("%s: no face found; using the full image as mask and a centre crop", photo.name)
+            notes.append("no face")
+            return Image.new("L", photo.image.size, 255), centre_of(photo.image.size)
+        notes.append("face" if found.from_mesh else "face (box)")
+        return found.mask, found.face.centre
+
+    def prompt_masker(self) -> ClipSegMasker:
+        if self.clipseg is None:
+            try:
+                self.clipseg = ClipSegMasker(self.settings.clipseg_model, self.settings.clipseg_temperature,
+                                             self.settings.mask_floor, self.device, CLIPSEG_MAX_SIDE)
+            except OSError as error:
+                raise PreprocessError(f"segmentation model {self.settings.clipseg_model} cannot be loaded "
+                                      f"({str(error).strip().splitlines()[0]})") from None
+        return self.clipseg
+
+
+def crop_and_mask(root: Path, image_paths: list[Path], staging: Path, settings: PreprocessSettings,
+                  device: torch.device) -> list[TrainingImage]:
+    buckets = sdxl_buckets(settings.resolution) if settings.use_bucketing else []
+    if settings.mask_mode != "none":
+        (staging / "masks").mkdir()
+    decode_side = settings.resolution
+    if settings.mask_mode == "face":  # small copies give the detector false faces (it finds one on monster/ at 360px)
+        decode_side = max(decode_side, settings.detection_max_side * 3 // 4)
+    done: list[TrainingImage] = []
+    unusable: list[str] = []
+    with ExitStack() as stack:
+        masks = MaskSource(settings, device, stack)
+        for path in tqdm(image_paths, desc="preprocessing", unit="image"):
+            name = path.relative_to(root).as_posix()
+            try:
+                photo = load_photo(path, name, min_side=decode_side, max_pixels=settings.max_image_pixels)
+            except ImageBombError as error:
+                raise PreprocessError(str(error)) from None
+            except UnreadableImageError as error:
+                logger.warning("skipping %s", error)
+                unusable.append(str(error))
+                continue
+            done.append(crop_one(photo, path, len(done), staging, settings, buckets, masks))
+    if not done:
+        reasons = "; ".join(unusable[:MAX_REASONS_IN_ERROR])
+        raise PreprocessError(f"none of the {len(image_paths)} images could be used: {reasons}")
+    if unusable:
+        logger.warning("%d of %d images were skipped as unreadable", len(unusable), len(image_paths))
+    return done
+
+
+def crop_one(photo: Photo, source: Path, index: int, staging: Path, settings: PreprocessSettings,
+             buckets: list[tuple[int, int]], masks: MaskSource) -> TrainingImage:
+    notes: list[str] = []
+    mask, focus = masks.mask_and_focus(photo, notes)
+    size = photo.image.size
+    target = nearest_bucket(size, buckets) if buckets else (settings.resolution, settings.resolution)
+    crop = crop_around(size, target, focus if settings.crop_based_on_salience else centre_of(size))
+    if buckets:
+        notes.append(f"bucket {target[0]}x{target[1]}")
+    if crop.upscaled:
+        notes.append(f"upscaled from {crop.width}x{crop.height}")
+    stem = f"{index:04d}-{safe_stem(source.stem)}"
+    image_file = f"images/{stem}.png"
+    cut(photo.image, crop).save(staging / image_file)
+    mask_file = None
+    if mask is not None:
+        mask_file = f"masks/{stem}.png"
+        cut_mask(mask, crop).save(staging / mask_file)
+    to_original = photo.original_size[0] / size[0]
+    logger.info("%s: %dx%d, crop %dx%d at (%d, %d) -> %dx%d%s", photo.name, *photo.original_size,
+                round(crop.width * to_original), round(crop.height * to_original), round(crop.left * to_original),
+                round(crop.top * to_original), *target, f" [{', '.join(notes)}]" if notes else "")
+    return TrainingImage(source=source, name=photo.name, image_file=image_file, mask_file=mask_file,
+                         original_size=photo.original_size, crop=crop, notes=notes)
+
+
+def safe_stem(stem: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "-_" else "_" for c in stem).strip("_")
+    return cleaned[:40] or "image"
+
+
+def collect_captions(root: Path, items: list[TrainingImage], other_paths: list[Path], staging: Path,
+                     settings: PreprocessSettings, device: torch.device) -> dict[str, str]:
+    """Captions by image name: sidecar files first, then caption tables, then the captioning model."""
+    sources = [item.source for item in items]
+    given = table_captions(root, sources, other_paths)
+    given.update(sidecar_captions(sources))
+    captions = {item.name: given[item.source] for item in items if item.source in given}
+    for name, caption in captions.items():
+        if settings.token_string and settings.token_string not in caption:
+            logger.warning("%s: caption %r does not mention the trigger word %s", name, caption,
+                           settings.token_string)
+    missing = {item.name: staging / item.image_file for item in items if item.name not in captions}
+    if missing:
+        captioner = load_captioner(settings.captioning_model, device)
+        captions.update(automatic_captions(captioner, missing, settings.caption_prefix, (settings.token_string,),
+                                           settings.caption_batch_size))
+    return captions
+
+
+def write_captions_csv(path: Path, items: list[TrainingImage], captions: dict[str, str]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CAPTIONS_HEADER)
+        for item in items:
+            crop_top, crop_left = item.crop.offset_at_target_scale()
+            writer.writerow([item.image_file, item.mask_file or "", captions[item.name], *item.original_size,
+                             crop_top, crop_left, *item.crop.target])
+
+
+def sheet_entry(staging: Path, item: TrainingImage, caption: str) -> SheetEntry:
+    label = item.name + (f" ({', '.join(item.notes)})" if item.notes else "")
+    return SheetEntry(image=staging / item.image_file, mask=staging / item.mask_file if item.mask_file else None,
+                      caption=caption, label=label)

@@ -1,0 +1,188 @@
+"""Drive the real Cog HTTP server (coglet, no Docker) the way Replicate does, on the tiny base model.
+
+One server per mode for the whole module: `POST /trainings` with the photos as a `data:` URI and as an http URL
+from a local file server, returning the tar; `POST /predictions` with `replicate_weights` pointing at that tar,
+returning images; invalid inputs answered with HTTP 422 naming the field; and the servers still healthy after.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import subprocess
+import sys
+import tarfile
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cog_server import CogServer, FileServer, data_uri, decode_data_uri
+from conftest import ROOT
+
+SETUP_TIMEOUT_S = 300
+TRAIN_INPUTS = {"token_string": "TOK", "caption_prefix": "a photo of TOK", "resolution": 64, "max_train_steps": 2,
+                "train_batch_size": 1, "seed": 0}
+PREDICT_INPUTS = {"prompt": "a photo of TOK", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 7,
+                  "output_format": "png"}
+ARTIFACT_FILES = {"pytorch_lora_weights.safetensors", "embeddings.safetensors", "special_params.json",
+                  "training_config.json", "README.md"}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("cog_server")
+
+
+@pytest.fixture(scope="module")
+def photos_zip(work) -> Path:
+    """Three real photos that scikit-image ships, shrunk so the data: URI stays small."""
+    import skimage
+
+    path = work / "www" / "photos.zip"
+    path.parent.mkdir()
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in ("astronaut.png", "chelsea.png", "coffee.png"):
+            image = Image.open(Path(skimage.__file__).parent / "data" / name).convert("RGB")
+            image.thumbnail((96, 96))
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=90)
+            archive.writestr(name.replace(".png", ".jpg"), buffer.getvalue())
+    return path
+
+
+@pytest.fixture(scope="module")
+def files(work, photos_zip):
+    with FileServer(photos_zip.parent) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def servers(work):
+    env = {"SDXL_MODEL": "tiny", "HF_HUB_OFFLINE": "1", "WEIGHTS_CACHE_DIR": str(work / "weights-cache")}
+    started = {mode: CogServer(ROOT, mode, env, work / f"{mode}-server.log").start() for mode in ("train", "predict")}
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda server: server.wait_ready(SETUP_TIMEOUT_S), started.values()))
+        yield started
+    finally:
+        for server in started.values():
+            server.stop()
+
+
+def _train(server: CogServer, input_images: str, **overrides) -> dict:
+    response = server.post("/trainings", {"input": {"input_images": input_images, **TRAIN_INPUTS, **overrides}})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def _tar_members(tar_bytes: bytes) -> set[str]:
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        return {Path(member.name).as_posix().removeprefix("./") for member in tar.getmembers() if member.isfile()}
+
+
+@pytest.fixture(scope="module")
+def trained_tar(servers, files, photos_zip) -> Path:
+    """Train from an http URL (as Replicate passes uploaded files) and publish the tar on the file server."""
+    result = _train(servers["train"], files.url(photos_zip.name))
+    assert result["status"] == "succeeded", result.get("error") or servers["train"].log_tail()
+    tar_path = photos_zip.parent / "trained_model.tar"
+    tar_path.write_bytes(decode_data_uri(result["output"]["weights"]))
+    return tar_path
+
+
+def test_training_from_an_http_url_returns_the_trained_tar(trained_tar):
+    members = _tar_members(trained_tar.read_bytes())
+    assert ARTIFACT_FILES <= members, members
+
+
+def test_training_from_a_data_uri_returns_the_trained_tar(servers, photos_zip):
+    result = _train(servers["train"], data_uri(photos_zip, "application/zip"), token_string="ZQX",
+                    caption_prefix="a photo of ZQX")
+    assert result["status"] == "succeeded", result.get("error")
+    weights = result["output"]["weights"]
+    assert weights.startswith("data:application/x-tar;base64,")  # no upload URL: Cog inlines the file
+    tar_bytes = decode_data_uri(weights)
+    assert ARTIFACT_FILES <= _tar_members(tar_bytes)
+    with tarfile.open(fileobj=io.BytesIO(tar_bytes)) as tar:
+        special = next(m for m in tar.getmembers() if m.name.endswith("special_params.json"))
+        assert '"ZQX"' in tar.extractfile(special).read().decode()
+
+
+def _predict(server: CogServer, **inputs) -> list[np.ndarray]:
+    response = server.post("/predictions", {"input": {**PREDICT_INPUTS, **inputs}})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["status"] == "succeeded", result.get("error") or server.log_tail()
+    return [np.asarray(Image.open(io.BytesIO(decode_data_uri(uri))).convert("RGB")) for uri in result["output"]]
+
+
+def test_prediction_with_the_trained_tar_url_returns_images_that_the_weights_change(servers, files, trained_tar):
+    tuned = _predict(servers["predict"], replicate_weights=files.url(trained_tar.name), num_outputs=2)
+    assert len(tuned) == 2 and all(image.shape == (64, 64, 3) for image in tuned)
+    base = _predict(servers["predict"])
+    assert not np.array_equal(tuned[0], base[0])
+
+
+INVALID = [
+    ("predict", "num_inference_steps", "ten", "is not of type"),
+    ("predict", "guidance_scale", 1000, "greater than the maximum"),
+    ("predict", "scheduler", "NO_SUCH_SCHEDULER", "is not one of"),
+    ("predict", "num_outputs", 0, "less than the minimum"),
+    ("train", "max_train_steps", "many", "is not of type"),
+    ("train", "resolution", 1.5, "is not of type"),
+]
+
+
+@pytest.mark.parametrize(("mode", "field", "value", "message"), INVALID, ids=[f"{m}-{f}" for m, f, *_ in INVALID])
+def test_invalid_input_is_a_422_naming_the_field(servers, files, photos_zip, mode, field, value, message):
+    base = {"input_images": files.url(photos_zip.name), **TRAIN_INPUTS} if mode == "train" else dict(PREDICT_INPUTS)
+    endpoint = "/trainings" if mode == "train" else "/predictions"
+    response = servers[mode].post(endpoint, {"input": {**base, field: value}})
+    assert response.status_code == 422, response.text
+    details = response.json()["detail"]
+    assert [d["loc"][-1] for d in details] == [field]
+    assert message in details[0]["msg"]
+
+
+def test_training_without_photos_is_a_422_naming_input_images(servers):
+    response = servers["train"].post("/trainings", {"input": dict(TRAIN_INPUTS)})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"][-1] == "input_images"
+
+
+def test_a_corrupt_archive_fails_that_training_only(servers, work):
+    garbage = work / "not_a_zip.zip"
+    garbage.write_bytes(b"this is not an archive" * 10)
+    response = servers["train"].post("/trainings", {"input": {"input_images": data_uri(garbage, "application/zip"),
+                                                              **TRAIN_INPUTS}})
+    assert response.status_code == 200
+    result = response.json()
+    assert result["status"] == "failed"
+    assert len(result["error"].splitlines()) == 1 and re.search(r"archive|zip|tar", result["error"], re.I)
+
+
+def test_servers_stay_healthy_after_bad_requests(servers):
+    for server in servers.values():
+        assert server.health()["status"] == "READY"
+    assert len(_predict(servers["predict"])) == 1
+
+
+def test_readme_diffusers_code_loads_the_trained_tar(trained_tar, work):
+    """The README's diffusers snippet, run as written on the tiny base model and CPU."""
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"### diffusers\n\n```python\n(.*?)```", readme, re.DOTALL).group(1)
+    from base_model import resolve_model_dir
+
+    code = (code.replace('"stabilityai/stable-diffusion-xl-base-1.0"', repr(str(resolve_model_dir("tiny"))))
+            .replace("torch.float16", "torch.float32").replace('.to("cuda")', '.to("cpu")')
+            .replace("num_inference_steps=30", "num_inference_steps=2, height=64, width=64"))
+    run_dir = work / "readme"
+    run_dir.mkdir()
+    (run_dir / "trained_model.tar").write_bytes(trained_tar.read_bytes())
+    result = subprocess.run([sys.executable, "-c", code], cwd=run_dir, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(run_dir / "beach.png").size == (64, 64)

@@ -1,0 +1,291 @@
+"""Artifacts written by export.py, read back with the public consumer API of diffusers on the tiny SDXL."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model_state_dict
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+import export
+import lora_formats
+from base_model import load_sdxl_pipeline, pick_runtime
+
+SPECIAL = {"TOK": "<s0><s1>", "STY": "<s2>"}
+TOKENS = ["<s0>", "<s1>", "<s2>"]
+PROMPT = "a photo of <s0><s1> in <s2> style"
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+CONFIG = {"max_train_steps": 10, "rank": 4, "lora_alpha": 8, "base_model": "tiny", "seed": 1}
+
+
+def render(pipe, prompt: str = PROMPT) -> np.ndarray:
+    return pipe(prompt, num_inference_steps=2, height=32, width=32, guidance_scale=5.0,
+                generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+
+
+def train_fake_adapter(pipe, name: str, use_dora: bool) -> dict[str, torch.Tensor]:
+    """A real PEFT adapter on the UNet with random non-zero lora_B (what training leaves)."""
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="gaussian",
+                                     use_dora=use_dora), adapter_name=name)
+    pipe.unet.set_adapter(name)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for param_name, param in pipe.unet.named_parameters():
+            if "lora_B" in param_name and f".{name}." in param_name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.5)
+    return get_peft_model_state_dict(pipe.unet, adapter_name=name)
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_sdxl_pipeline("tiny", pick_runtime("fp32", "cpu"))
+
+
+@pytest.fixture(scope="module")
+def embeddings(pipe):
+    g = torch.Generator().manual_seed(2)
+    widths = (pipe.text_encoder.config.hidden_size, pipe.text_encoder_2.config.hidden_size)
+    return {name: torch.randn(3, w, generator=g) for name, w in zip(("clip_l", "clip_g"), widths)}
+
+
+@pytest.fixture(scope="module")
+def exported(pipe, embeddings, tmp_path_factory):
+    """Base image, the image with the trained adapter in memory, and the written artifact folder."""
+    base = render(pipe)
+    state = train_fake_adapter(pipe, "trained", use_dora=False)
+    trained = render(pipe)
+    pipe.unet.delete_adapters("trained")
+    assert np.array_equal(render(pipe), base)
+    out = tmp_path_factory.mktemp("export") / "artifact"
+    layout = lora_formats.UNetLayout.from_unet_config(pipe.unet.config)
+    export.write_weight_files(out, unet_lora_state=state, lora_alpha=8, embeddings=embeddings,
+                              special_params=SPECIAL, training_config=CONFIG, unet_layout=layout, name="my_lora")
+    (out / "samples").mkdir()
+    Image.fromarray((trained * 255).astype(np.uint8)).save(out / "samples" / "0.png")
+    export.write_model_card(out, special_params=SPECIAL, base_model="stabilityai/stable-diffusion-xl-base-1.0",
+                            name="my_lora", sample_images=[out / "samples" / "0.png"], training_config=CONFIG)
+    return {"base": base, "trained": trained, "out": out, "state": state, "layout": layout}
+
+
+def test_all_contract_files_are_written(exported):
+    out = exported["out"]
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "README.md", "embeddings.safetensors", "my_lora.safetensors", "pytorch_lora_weights.safetensors",
+        "samples/0.png", "special_params.json", "training_config.json"]
+    assert json.loads((out / "special_params.json").read_text()) == SPECIAL
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["max_train_steps"] == 10
+    assert config["library_versions"]["diffusers"] == diffusers.__version__
+    assert config["library_versions"]["torch"].split("+")[0] == torch.__version__.split("+")[0]
+
+
+def test_diffusers_file_loads_and_unloads_exactly(pipe, exported):
+    pipe.load_lora_weights(exported["out"])
+    try:
+        loaded = render(pipe)
+    finally:
+        pipe.unload_lora_weights()
+    assert not np.allclose(loaded, exported["base"], atol=1e-2)
+    np.testing.assert_allclose(loaded, exported["trained"], atol=1e-5)  # alpha 8 / rank 4 kept via metadata
+    assert np.array_equal(render(pipe), exported["base"])
+
+
+def test_kohya_file_loads_in_diffusers_like_the_diffusers_file(pipe, exported):
+    kohya = load_file(exported["out"] / "my_lora.safetensors")
+    assert any(k.startswith("lora_unet_input_blocks_") for k in kohya)  # SGM names, as A1111/ComfyUI expect
+    pipe.load_lora_weights(lora_formats.kohya_file_for_diffusers(kohya, exported["layout"]))
+    try:
+        loaded = render(pipe)
+    finally:
+        pipe.unload_lora_weights()
+    np.testing.assert_allclose(loaded, exported["trained"], atol=1e-5)
+    assert np.array_equal(render(pipe), exported["base"])
+
+
+def test_kohya_file_holds_exactly_the_trained_tensors_and_bundled_embeddings(exported, embeddings):
+    kohya = load_file(exported["out"] / "my_lora.safetensors")
+    back = lora_formats.kohya_to_peft(kohya, exported["layout"])
+    assert back.state.keys() == exported["state"].keys()
+    assert all(torch.equal(back.state[k], v) for k, v in exported["state"].items())
+    assert set(back.alphas.values()) == {8.0}
+    assert torch.equal(kohya["bundle_emb.TOK.clip_l"], embeddings["clip_l"][:2])
+    assert torch.equal(kohya["bundle_emb.TOK.clip_g"], embeddings["clip_g"][:2])
+    assert torch.equal(kohya["bundle_emb.STY.clip_g"], embeddings["clip_g"][2:])
+
+
+def test_kohya_file_metadata(exported):
+    with safe_open(exported["out"] / "my_lora.safetensors", "pt") as f:
+        meta = f.metadata()
+    assert meta["ss_network_module"] == "networks.lora"
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"]) == ("4", "8.0")
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert meta["ss_output_name"] == "my_lora"
+    assert set(json.loads(meta["ss_tag_frequency"])["my_lora"]) == {"TOK", "STY"}
+    assert meta["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert meta["modelspec.sai_model_spec"] == "1.0.0"
+    assert meta["modelspec.title"] == "my_lora"
+    assert meta["modelspec.trigger_phrase"] == "TOK, STY"
+
+
+def test_embeddings_load_with_textual_inversion_together_with_the_lora(pipe, exported, embeddings):
+    emb = load_file(exported["out"] / "embeddings.safetensors")
+    assert all(torch.equal(emb[k], embeddings[k]) for k in ("clip_l", "clip_g"))
+    encoders = ((emb["clip_l"], pipe.text_encoder, pipe.tokenizer), (emb["clip_g"], pipe.text_encoder_2, pipe.tokenizer_2))
+    for table, encoder, tokenizer in encoders:
+        pipe.load_textual_inversion(table, token=TOKENS, text_encoder=encoder, tokenizer=tokenizer)
+    try:
+        ids = pipe.tokenizer_2.convert_tokens_to_ids(TOKENS)
+        assert torch.equal(pipe.text_encoder_2.get_input_embeddings().weight[ids].detach(), emb["clip_g"])
+        tokens_only = render(pipe)
+        pipe.load_lora_weights(exported["out"])
+        both = render(pipe)
+        pipe.unload_lora_weights()
+    finally:
+        for _, encoder, tokenizer in encoders:
+            pipe.unload_textual_inversion(tokens=TOKENS, text_encoder=encoder, tokenizer=tokenizer)
+    assert not np.allclose(tokens_only, exported["base"], atol=1e-2)
+    assert not np.allclose(both, tokens_only, atol=1e-2)
+    assert np.array_equal(render(pipe), exported["base"])
+
+
+def test_model_card_names_triggers_loading_code_and_samples(exported):
+    card = (exported["out"] / "README.md").read_text()
+    for needed in ("TOK", "<s0><s1>", "STY", "<s2>", "load_lora_weights", "load_textual_inversion",
+                   "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2", "['<s0>', '<s1>', '<s2>']",
+                   "samples/0.png", "ComfyUI/models/loras/", "<lora:my_lora:1>", "instance_prompt: <s0><s1>"):
+        assert needed in card, needed
+
+
+def test_model_card_refuses_samples_outside_the_artifact(exported, tmp_path):
+    with pytest.raises(export.ExportError, match="not inside"):
+        export.write_model_card(exported["out"], special_params=SPECIAL, base_model="x", name="my_lora",
+                                sample_images=[tmp_path / "elsewhere.png"], training_config=CONFIG)
+
+
+def test_dora_export_round_trip(pipe, exported, embeddings, tmp_path):
+    state = train_fake_adapter(pipe, "dora", use_dora=True)
+    try:
+        trained = render(pipe)
+    finally:
+        pipe.unet.delete_adapters("dora")
+    assert any(k.endswith("lora_magnitude_vector") for k in state)
+    export.write_weight_files(tmp_path, unet_lora_state=state, lora_alpha=8, embeddings=embeddings,
+                              special_params=SPECIAL, training_config=CONFIG, unet_layout=exported["layout"])
+    kohya = load_file(tmp_path / "trained_model.safetensors")
+    assert any(k.endswith(".dora_scale") for k in kohya)
+    back = lora_formats.kohya_to_peft(kohya, exported["layout"])
+    assert all(torch.equal(back.state[k], v) for k, v in state.items())
+    with safe_open(tmp_path / "trained_model.safetensors", "pt") as f:
+        assert f.metadata()["ss_network_module"] == "lycoris.kohya"
+    images = []
+    for source in (tmp_path, lora_formats.kohya_file_for_diffusers(kohya, exported["layout"])):
+        pipe.load_lora_weights(source)
+        try:
+            images.append(render(pipe))
+        finally:
+            pipe.unload_lora_weights()
+    np.testing.assert_allclose(images[0], trained, atol=1e-5)
+    np.testing.assert_allclose(images[1], trained, atol=1e-4)
+    assert np.array_equal(render(pipe), exported["base"])
+
+
+def test_full_fine_tune_writes_unet_safetensors(pipe, embeddings, tmp_path):
+    unet_state = {k: v for k, v in pipe.unet.state_dict().items() if "lora" not in k}
+    export.write_weight_files(tmp_path, unet_lora_state=None, lora_alpha=None, embeddings=embeddings,
+                              special_params=SPECIAL, training_config=CONFIG, unet_full_state=unet_state,
+                              unet_layout=lora_formats.SDXL_UNET_LAYOUT)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "embeddings.safetensors", "special_params.json", "training_config.json", "unet.safetensors"]
+    written = load_file(tmp_path / "unet.safetensors")
+    assert all(torch.equal(written[k], v) for k, v in unet_state.items())
+    card = export.write_model_card(tmp_path, special_params=SPECIAL, base_model="b", name="full",
+                                   sample_images=[], training_config=CONFIG).read_text()
+    assert "unet.safetensors" in card and "load_lora_weights" not in card
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"embeddings": {"clip_l": torch.zeros(3, 32)}}, "exactly the keys clip_l and clip_g"),
+    ({"embeddings": {"clip_l": torch.zeros(3, 32), "clip_g": torch.zeros(2, 64)}}, "the same n"),
+    ({"special_params": {"TOK": "<s0><s1>"}}, "one per embedding row"),
+    ({"special_params": {"TOK": "s0 s1 s2"}}, "not of the form"),
+    ({"name": "../evil"}, "not usable as a file name"),
+    ({"name": "embeddings"}, "clash"),
+    ({"lora_alpha": None}, "lora_alpha is required"),
+    ({"unet_full_state": {"w": torch.zeros(1)}}, "exactly one of"),
+])
+def test_bad_export_input_fails_before_writing(exported, tmp_path, change, message):
+    kwargs = dict(unet_lora_state=exported["state"], lora_alpha=8,
+                  embeddings={"clip_l": torch.zeros(3, 32), "clip_g": torch.zeros(3, 64)}, special_params=SPECIAL,
+                  training_config=CONFIG, unet_layout=exported["layout"], name="ok")
+    kwargs.update(change)
+    with pytest.raises(export.ExportError, match=message) as err:
+        export.write_weight_files(tmp_path / "out", **kwargs)
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_pack_tar_holds_every_file_at_the_root(exported, tmp_path):
+    tar_path = export.pack_tar(exported["out"], tmp_path / "trained_model.tar")
+    with tarfile.open(tar_path) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+        assert set(members) == {p.relative_to(exported["out"]).as_posix()
+                                for p in exported["out"].rglob("*") if p.is_file()}
+        assert all(m.isfile() for m in members.values())
+        packed = tar.extractfile("pytorch_lora_weights.safetensors").read()
+    assert packed == (exported["out"] / "pytorch_lora_weights.safetensors").read_bytes()
+    assert os.listdir(tmp_path) == ["trained_model.tar"]
+
+
+def test_pack_tar_inside_the_folder_it_packs_skips_itself(tmp_path):
+    (tmp_path / "a.txt").write_text("a")
+    export.pack_tar(tmp_path, tmp_path / "out.tar")
+    export.pack_tar(tmp_path, tmp_path / "out.tar")  # a second run must not pack the first tar
+    with tarfile.open(tmp_path / "out.tar") as tar:
+        assert tar.getnames() == ["a.txt"]
+
+
+def test_failed_pack_tar_leaves_nothing_and_keeps_an_older_tar(exported, tmp_path, monkeypatch):
+    tar_path = tmp_path / "trained_model.tar"
+    tar_path.write_bytes(b"previous run")
+    calls = []
+
+    def add_then_fail(self, name, arcname=None, recursive=True, **kwargs):
+        calls.append(arcname)
+        if len(calls) == 3:
+            raise OSError("disk full (simulated)")
+        return original_add(self, name, arcname=arcname, recursive=recursive, **kwargs)
+
+    original_add = tarfile.TarFile.add
+    monkeypatch.setattr(tarfile.TarFile, "add", add_then_fail)
+    with pytest.raises(OSError, match="simulated"):
+        export.pack_tar(exported["out"], tar_path)
+    assert os.listdir(tmp_path) == ["trained_model.tar"]
+    assert tar_path.read_bytes() == b"previous run"
+
+
+def test_pack_tar_into_a_missing_folder_is_a_clear_error(exported, tmp_path):
+    with pytest.raises(export.ExportError, match="folder does not exist"):
+        export.pack_tar(exported["out"], tmp_path / "missing" / "trained_model.tar")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs a non-root POSIX user")
+def test_pack_tar_into_an_unwritable_folder_leaves_nothing(exported, tmp_path):
+    target = tmp_path / "ro"
+    target.mkdir()
+    target.chmod(0o500)
+    try:
+        with pytest.raises(export.ExportError, match="permission denied"):
+            export.pack_tar(exported["out"], target / "trained_model.tar")
+        assert os.listdir(target) == []
+    finally:
+        target.chmod(0o700)

@@ -1,0 +1,686 @@
+"""Pivotal tuning for SDXL: new-token embeddings in both text encoders + a PEFT LoRA on the UNet.
+
+``train_model(TrainingSettings(...))`` validates every setting (before any model loads), trains, and writes the
+artifact folder through :mod:`export`. The embeddings train for the first ``ti_frac`` of optimizer steps (the
+pivot); after it only the UNet trains, the text encoders' outputs for every caption are computed once and the
+encoders leave the device.
+
+Multi-GPU: run the same code under ``accelerate launch``; every process draws its own slice of each batch, the
+UNet is wrapped in DDP, embedding gradients are averaged across processes, and only the main process writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import random
+import sys
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import base_model
+from checkpoints import Checkpoint, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from dataset_and_utils import (
+    CachedDataset,
+    CaptionAugmentation,
+    DatasetError,
+    DatasetItem,
+    PromptTokenizer,
+    TokenEmbeddingsHandler,
+    TriggerWord,
+    all_new_tokens,
+    contains_trigger,
+    encode_prompt,
+    parse_token_string,
+    read_dataset_folder,
+    replace_trigger_words,
+    special_params,
+)
+from lora_formats import UNetLayout
+from losses import compute_snr, masked_mse_per_sample, min_snr_weights, offset_noise, pyramid_noise
+from optim import SCHEDULERS, ParamGroup, ProdigySettings, build_optimizer, build_scheduler, check_optimizer_available
+
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class SettingsError(ValueError):
+    """A training setting that cannot work, one line saying what to change."""
+
+
+@dataclass
+class TrainingSettings:
+    dataset_dir: Path  # dataset folder (docs/CONTRACTS.md) or a plain folder of images
+    output_dir: Path  # artifact folder (weights, samples/, logs/, loss.png): everything in it goes into the tar
+    checkpoint_dir: Path | None = None  # None: <output_dir>-checkpoints, next to the artifact folder
+    base_model: str | None = None  # None: env SDXL_MODEL
+    precision: str = "auto"  # base_model.pick_runtime
+    device: str | None = None
+    seed: int = 42
+    resolution: int = 768  # plain-folder images are centre-cropped/resized to this; sample size
+    train_batch_size: int = 4
+    num_train_epochs: int = 4000
+    max_train_steps: int | None = 1000  # optimizer steps; takes precedence over num_train_epochs
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0  # None: no clipping
+    # new tokens
+    token_string: str = "TOK"  # "TOK" or "TOK:2,STY:1"
+    num_new_tokens: int = 2
+    token_init_word: str | None = None  # None: random rows scaled to the table's std
+    caption_prefix: str = "a photo of TOK, "  # captions of a plain folder of images
+    ti_frac: float = 0.5  # fraction of optimizer steps that train the embeddings (the pivot)
+    ti_lr: float = 3e-4
+    ti_weight_decay: float = 0.0
+    # UNet
+    is_lora: bool = True
+    lora_lr: float = 1e-4
+    lora_weight_decay: float = 1e-4
+    unet_learning_rate: float = 1e-6  # full fine-tune (is_lora=False)
+    unet_weight_decay: float = 1e-2
+    lora_rank: int = 32
+    lora_alpha: float | None = None  # None: = lora_rank
+    lora_dropout: float = 0.0
+    lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
+    use_dora: bool = False
+    gradient_checkpointing: bool = False
+    # optimizer and schedule
+    optimizer: str = "adamw"  # adamw | prodigy | adamw8bit
+    prodigy_d_coef: float = 1.0
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 100
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    # loss and noise
+    min_snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    pyramid_noise_iterations: int = 0
+    pyramid_noise_discount: float = 0.3
+    # data augmentation
+    caption_dropout: float = 0.0
+    caption_shuffle: bool = False
+    keep_tokens: int = 1
+    flip_augmentation: bool = False
+    # prior preservation
+    class_data_dir: Path | None = None
+    class_prompt: str | None = None
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 0  # generate class images with the base model until the folder holds this many
+    # checkpoints, validation, logs
+    checkpointing_steps: int = 0  # 0: no intermediate checkpoints
+    resume_from: Path | None = None
+    validation_prompts: tuple[str, ...] = ("a photo of TOK",)
+    validation_num_inference_steps: int = 25
+    name: str = "trained_model"
+    show_progress: bool = True
+
+    def validate(self) -> None:
+        """Every check that needs no model; raises :class:`SettingsError` with a one-line message."""
+        positive_ints = {"train_batch_size": self.train_batch_size, "num_train_epochs": self.num_train_epochs,
+                         "gradient_accumulation_steps": self.gradient_accumulation_steps,
+                         "num_new_tokens": self.num_new_tokens, "resolution": self.resolution,
+                         "lora_rank": self.lora_rank, "validation_num_inference_steps":
+                         self.validation_num_inference_steps}
+        for name, value in positive_ints.items():
+            if value < 1:
+                raise SettingsError(f"{name} must be at least 1, got {value}")
+        non_negative = {"lr_warmup_steps": self.lr_warmup_steps, "checkpointing_steps": self.checkpointing_steps,
+                        "pyramid_noise_iterations": self.pyramid_noise_iterations,
+                        "num_class_images": self.num_class_images, "keep_tokens": self.keep_tokens,
+                        "ti_lr": self.ti_lr, "lora_lr": self.lora_lr, "unet_learning_rate": self.unet_learning_rate,
+                        "noise_offset": self.noise_offset, "prior_loss_weight": self.prior_loss_weight}
+        for name, value in non_negative.items():
+            if value < 0:
+                raise SettingsError(f"{name} must not be negative, got {value}")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise SettingsError(f"max_train_steps must be at least 1 (or unset to use epochs), got {self.max_train_steps}")
+        if self.resolution % 8:
+            raise SettingsError(f"resolution must be a multiple of 8, got {self.resolution}")
+        for name, value in {"ti_frac": self.ti_frac, "caption_dropout": self.caption_dropout,
+                            "lora_dropout": self.lora_dropout}.items():
+            if not 0.0 <= value <= 1.0:
+                raise SettingsError(f"{name} must be between 0 and 1, got {value}")
+        if self.lora_alpha is not None and self.lora_alpha <= 0:
+            raise SettingsError(f"lora_alpha must be positive, got {self.lora_alpha}")
+        if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
+            raise SettingsError(f"min_snr_gamma must be positive (or unset), got {self.min_snr_gamma}")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise SettingsError(f"max_grad_norm must be positive (or unset), got {self.max_grad_norm}")
+        if not self.lora_target_modules:
+            raise SettingsError("lora_target_modules is empty; e.g. to_q,to_k,to_v,to_out.0")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise SettingsError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}; got {self.lr_scheduler!r}")
+        if (self.class_data_dir is None) != (self.class_prompt is None):
+            raise SettingsError("prior preservation needs both class_data_dir and class_prompt (or neither)")
+        if self.resume_from is not None and not Path(self.resume_from).is_dir():
+            raise SettingsError(f"resume_from {self.resume_from} is not a folder")
+
+    @property
+    def alpha(self) -> float:
+        return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+    def as_config(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
+                for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass
+class TrainingPlan:
+    """What the settings and the dataset imply, computed before any model loads."""
+
+    triggers: list[TriggerWord]
+    items: list[DatasetItem]
+    class_items: list[DatasetItem]
+    total_steps: int  # optimizer steps
+    pivot_step: int  # embeddings train for steps [0, pivot_step)
+
+
+def plan_training(settings: TrainingSettings, num_processes: int = 1) -> TrainingPlan:
+    """Validate settings and dataset (no model needed) and derive the step counts."""
+    settings.validate()
+    try:
+        triggers = parse_token_string(settings.token_string, settings.num_new_tokens)
+        items = read_dataset_folder(Path(settings.dataset_dir), settings.caption_prefix)
+    except DatasetError as err:
+        raise SettingsError(str(err)) from None
+    for trigger in triggers:
+        if not any(contains_trigger(item.caption, trigger) for item in items):
+            raise SettingsError(f"trigger word {trigger.word!r} appears in no caption; add it to the captions or "
+                                f"caption_prefix (e.g. 'a photo of {trigger.word}'), or change token_string")
+    class_items: list[DatasetItem] = []
+    if settings.class_data_dir is not None and Path(settings.class_data_dir).is_dir():
+        class_items = _class_items(settings)
+    if settings.class_data_dir is not None and not class_items and settings.num_class_images == 0:
+        raise SettingsError(f"class_data_dir {settings.class_data_dir} holds no images; add some or set num_class_images")
+    if settings.max_train_steps is not None:
+        total = settings.max_train_steps
+    else:
+        per_step = settings.train_batch_size * settings.gradient_accumulation_steps * num_processes
+        total = settings.num_train_epochs * math.ceil(len(items) / per_step)
+    return TrainingPlan(triggers, items, class_items, total, int(settings.ti_frac * total))
+
+
+def _class_items(settings: TrainingSettings) -> list[DatasetItem]:
+    try:
+        items = read_dataset_folder(Path(settings.class_data_dir), settings.class_prompt or "")
+    except DatasetError:
+        return []
+    return [dataclasses.replace(item, caption=settings.class_prompt) for item in items]
+
+
+@dataclass
+class TrainingResult:
+    output_dir: Path
+    total_steps: int
+    pivot_step: int
+    loss_history: list[float]
+    sample_images: list[Path]
+    special_params: dict[str, str]
+    embeddings: dict[str, torch.Tensor] = field(repr=False)
+
+
+def train_model(settings: TrainingSettings) -> TrainingResult:
+    """Validate, train and write the artifact folder (everything except the tar)."""
+    trainer = Trainer.create(settings)
+    trainer.run()
+    return trainer.export()
+
+
+class Trainer:
+    """One training run. Build with :meth:`create`, then :meth:`run` and :meth:`export`."""
+
+    def __init__(self, settings: TrainingSettings, plan: TrainingPlan, pipe, runtime: base_model.Runtime, accelerator):
+        self.settings = settings
+        self.plan = plan
+        self.pipe = pipe
+        self.runtime = runtime
+        self.accelerator = accelerator
+        self.step = 0  # optimizer steps done
+        self.loss_history: list[float] = []
+        self.sample_images: list[Path] = []
+        self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.output_dir = Path(settings.output_dir)
+        self.checkpoint_dir = Path(settings.checkpoint_dir or self.output_dir.with_name(self.output_dir.name + "-checkpoints"))
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    @classmethod
+    def create(cls, settings: TrainingSettings) -> Trainer:
+        from accelerate import Accelerator
+
+        runtime = base_model.pick_runtime(settings.precision, settings.device)
+        check_optimizer_available(settings.optimizer, runtime.device)
+        accelerator = Accelerator(cpu=runtime.device.type == "cpu")
+        plan = plan_training(settings, accelerator.num_processes)
+        if accelerator.num_processes > 1:
+            runtime = dataclasses.replace(runtime, device=accelerator.device)
+        pipe = base_model.load_sdxl_pipeline(settings.base_model, runtime)
+        trainer = cls(settings, plan, pipe, runtime, accelerator)
+        trainer._prepare()
+        return trainer
+
+    def _prepare(self) -> None:
+        s, pipe = self.settings, self.pipe
+        if s.class_data_dir is not None and len(self.plan.class_items) < s.num_class_images:
+            self._generate_class_images()
+        self.text_encoders = [pipe.text_encoder, pipe.text_encoder_2]
+        for encoder in self.text_encoders:
+            encoder.to(dtype=torch.float32).eval().requires_grad_(False)
+        pipe.vae.requires_grad_(False)
+        if pipe.vae.dtype != self.runtime.vae_dtype:
+            pipe.vae.to(dtype=self.runtime.vae_dtype)
+        self.embeddings = TokenEmbeddingsHandler(self.text_encoders, [pipe.tokenizer, pipe.tokenizer_2])
+        self.embeddings.add_tokens(all_new_tokens(self.plan.triggers), s.token_init_word,
+                                   torch.Generator().manual_seed(s.seed))
+        self.prompt_tokenizer = PromptTokenizer([pipe.tokenizer, pipe.tokenizer_2])
+        self.caption_augmentation = CaptionAugmentation(s.caption_dropout, s.caption_shuffle, s.keep_tokens)
+        show = s.show_progress and self.accelerator.is_main_process
+        self.dataset = CachedDataset.build(self.plan.items, pipe.vae, self.plan.triggers, resize_to=self._resize_to(),
+                                           flip=s.flip_augmentation, device=self.runtime.device,
+                                           dtype=self.runtime.vae_dtype, show_progress=show)
+        self.class_dataset = None
+        if s.class_data_dir is not None:
+            self.plan.class_items = _class_items(s)
+            self.class_dataset = CachedDataset.build(self.plan.class_items, pipe.vae, [], resize_to=s.resolution,
+                                                     flip=s.flip_augmentation, device=self.runtime.device,
+                                                     dtype=self.runtime.vae_dtype, show_progress=show)
+        self.noise_scheduler = _training_noise_scheduler(pipe.scheduler)
+        self._prepare_unet()
+        self._build_optimizer()
+
+    def _resize_to(self) -> int | None:
+        """Images of a prepared dataset are already at their training size; a plain folder is resized."""
+        return None if (Path(self.settings.dataset_dir) / "captions.csv").is_file() else self.settings.resolution
+
+    def _prepare_unet(self) -> None:
+        s, unet = self.settings, self.pipe.unet
+        unet.requires_grad_(False)
+        if s.is_lora:
+            from peft import LoraConfig
+
+            unet.add_adapter(LoraConfig(r=s.lora_rank, lora_alpha=s.alpha, lora_dropout=s.lora_dropout,
+                                        init_lora_weights="gaussian", target_modules=list(s.lora_target_modules),
+                                        use_dora=s.use_dora))
+        else:
+            unet.requires_grad_(True)
+        for param in unet.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()  # train in float32; autocast handles the half-precision maths
+        if s.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+            for encoder in self.text_encoders:
+                encoder.gradient_checkpointing_enable()
+        unet.train()
+        self.unet = unet
+        self.unet_for_training = self.accelerator.prepare_model(unet)
+
+    def _build_optimizer(self) -> None:
+        s = self.settings
+        unet_params = [p for p in self.unet.parameters() if p.requires_grad]
+        self.embeddings.set_trainable(True)
+        groups = [ParamGroup("embeddings", self.embeddings.tables(), s.ti_lr, s.ti_weight_decay)]
+        if s.is_lora:
+            groups.append(ParamGroup("lora", unet_params, s.lora_lr, s.lora_weight_decay))
+        else:
+            groups.append(ParamGroup("unet", unet_params, s.unet_learning_rate, s.unet_weight_decay))
+        self.optimizer = build_optimizer(groups, s.optimizer, self.runtime.device, ProdigySettings(d_coef=s.prodigy_d_coef))
+        self.lr_scheduler = build_scheduler(s.lr_scheduler, self.optimizer, warmup_steps=s.lr_warmup_steps,
+                                            total_steps=self.plan.total_steps, num_cycles=s.lr_num_cycles,
+                                            power=s.lr_power)
+
+    def _generate_class_images(self) -> None:
+        """Fill class_data_dir up to num_class_images with images of class_prompt from the base model."""
+        from tqdm.auto import tqdm
+
+        s = self.settings
+        folder = Path(s.class_data_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        missing = s.num_class_images - len(self.plan.class_items)
+        if self.accelerator.is_main_process:
+            for index in tqdm(range(missing), desc="class images", disable=not s.show_progress):
+                generator = torch.Generator(self.runtime.device).manual_seed(s.seed + index)
+                image = self.pipe(s.class_prompt, height=s.resolution, width=s.resolution, generator=generator,
+                                  num_inference_steps=s.validation_num_inference_steps).images[0]
+                target = folder / f"class-{len(self.plan.class_items) + index:04d}.png"
+                staging = target.with_name(f".{target.name}.tmp.png")
+                image.save(staging)
+                staging.replace(target)
+        self.accelerator.wait_for_everyone()
+
+    # --------------------------------------------------------------------------------------------- training
+
+    @property
+    def training_embeddings(self) -> bool:
+        return self.step < self.plan.pivot_step
+
+    def run(self) -> None:
+        from tqdm.auto import tqdm
+
+        s = self.settings
+        if s.resume_from is not None:
+            self._load_checkpoint(Path(s.resume_from))
+        main = self.accelerator.is_main_process
+        writer = self._summary_writer() if main else None
+        progress = tqdm(total=self.plan.total_steps, initial=self.step, desc="training",
+                        disable=not (s.show_progress and main))
+        while self.step < self.plan.total_steps:
+            if not self.training_embeddings and self.text_cache is None:
+                self._pass_pivot()
+            loss = self._optimizer_step()
+            self.step += 1
+            self.loss_history.append(loss)
+            lr = self.lr_scheduler.get_last_lr()[-1]
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            progress.update(1)
+            if writer is not None:
+                writer.add_scalar("loss", loss, self.step)
+                writer.add_scalar("lr", lr, self.step)
+            if s.checkpointing_steps and self.step % s.checkpointing_steps == 0 and self.step < self.plan.total_steps:
+                self._save_checkpoint()
+        progress.close()
+        if writer is not None:
+            writer.close()
+
+    def _optimizer_step(self) -> float:
+        s = self.settings
+        accumulation = s.gradient_accumulation_steps
+        total = 0.0
+        for micro in range(accumulation):
+            last = micro == accumulation - 1
+            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet_for_training)
+            with sync:
+                loss = self._loss(self._batch(micro), _step_generator(s.seed, self.step, micro,
+                                                                      self.accelerator.process_index))
+                self.accelerator.backward(loss / accumulation)
+            total += loss.detach().item() / accumulation
+        if self.training_embeddings and self.accelerator.num_processes > 1:
+            for table in self.embeddings.tables():
+                table.grad = self.accelerator.reduce(table.grad, reduction="mean")
+        if s.max_grad_norm is not None:
+            params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.training_embeddings:
+            self.embeddings.retract_embeddings()
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(torch.tensor(total, device=self.runtime.device), "mean").item()
+        return total
+
+    def _batch(self, micro: int) -> dict:
+        """This process's slice of the batch for (step, micro), a pure function of seed and step, so the data
+        order survives a resume without any sampler state."""
+        s = self.settings
+        per_process = s.train_batch_size
+        start = ((self.step * s.gradient_accumulation_steps + micro) * self.accelerator.num_processes
+                 + self.accelerator.process_index) * per_process
+        rng = random.Random(_step_seed(s.seed, self.step, micro, self.accelerator.process_index))
+        batch = self._draw(self.dataset, start, per_process, s.seed, rng)
+        if self.class_dataset is not None:
+            class_batch = self._draw(self.class_dataset, start, per_process, s.seed + 1, rng)
+            batch = {key: _concat(batch[key], class_batch[key]) for key in batch}
+            batch["num_instance"] = per_process
+        return batch
+
+    def _draw(self, dataset: CachedDataset, start: int, count: int, seed: int, rng: random.Random) -> dict:
+        positions = range(start, start + count)
+        indices = [int(_epoch_order(seed, p // len(dataset), len(dataset))[p % len(dataset)]) for p in positions]
+        flips = [self.settings.flip_augmentation and rng.random() < 0.5 for _ in indices]
+        batch = dataset.batch(indices, flips)
+        batch["captions"] = [self.caption_augmentation.apply(c, rng) for c in batch["captions"]]
+        return batch
+
+    def _loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        device = self.runtime.device
+        latents = batch["latents"].to(device)
+        noise = torch.randn(latents.shape, generator=generator)  # drawn on the CPU: reproducible on any device
+        noise = offset_noise(noise, self.settings.noise_offset, generator)
+        noise = pyramid_noise(noise, self.settings.pyramid_noise_iterations, self.settings.pyramid_noise_discount,
+                              generator).to(device)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
+                                  generator=generator).to(device)
+        per_sample = self.denoising_losses(latents, batch["masks"].to(device), batch["captions"],
+                                           batch["time_ids"].to(device), noise, timesteps)
+        instance = batch.get("num_instance", len(per_sample))
+        loss = per_sample[:instance].mean()
+        if instance < len(per_sample):
+            loss = loss + self.settings.prior_loss_weight * per_sample[instance:].mean()
+        return loss
+
+    def denoising_losses(self, latents: torch.Tensor, masks: torch.Tensor, captions: list[str],
+                         time_ids: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Masked (min-SNR weighted) denoising loss per sample at the given noise and timesteps."""
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        prompt_embeds, pooled = self.text_conditioning(captions)
+        with self.runtime.autocast():
+            prediction = self.unet_for_training(noisy, timesteps, prompt_embeds,
+                                                added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        prediction_type = self.noise_scheduler.config.prediction_type
+        target = noise if prediction_type == "epsilon" else self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        losses = masked_mse_per_sample(prediction, target, masks)
+        if self.settings.min_snr_gamma is not None:
+            snr = compute_snr(self.noise_scheduler.alphas_cumprod, timesteps.cpu()).to(losses.device)
+            losses = losses * min_snr_weights(snr, self.settings.min_snr_gamma, prediction_type)
+        return losses
+
+    def text_conditioning(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds, pooled): from the encoders while the embeddings train, from the cache after the pivot."""
+        if self.text_cache is None or any(c not in self.text_cache for c in captions):
+            with torch.set_grad_enabled(self.training_embeddings and torch.is_grad_enabled()), self.runtime.autocast():
+                embeds, pooled = encode_prompt(self.text_encoders, self.prompt_tokenizer(captions))
+            if self.text_cache is None:
+                return embeds, pooled
+            self._remember(captions, embeds, pooled)
+        embeds = torch.stack([self.text_cache[c][0] for c in captions])
+        pooled = torch.stack([self.text_cache[c][1] for c in captions])
+        return embeds, pooled
+
+    def _pass_pivot(self) -> None:
+        """Freeze the embeddings, encode every caption the rest of the run can see once, and move the encoders off
+        the device (they stay only when caption shuffling makes the captions unpredictable)."""
+        self.embeddings.set_trainable(False)
+        self.text_cache = {}
+        captions = sorted({item.caption for item in self.dataset.items})
+        if self.class_dataset is not None:
+            captions += sorted({item.caption for item in self.class_dataset.items} - set(captions))
+        if self.settings.caption_dropout > 0:
+            captions.append("")
+        with torch.no_grad(), self.runtime.autocast():
+            embeds, pooled = encode_prompt(self.text_encoders, self.prompt_tokenizer(captions))
+        self._remember(captions, embeds, pooled)
+        if not self.settings.caption_shuffle:
+            self._move_text_encoders(torch.device("cpu"))
+
+    def _remember(self, captions: list[str], embeds: torch.Tensor, pooled: torch.Tensor) -> None:
+        for caption, e, p in zip(captions, embeds.detach(), pooled.detach()):
+            self.text_cache[caption] = (e, p)
+
+    def _move_text_encoders(self, device: torch.device) -> None:
+        for encoder in self.text_encoders:
+            encoder.to(device)
+
+    # ------------------------------------------------------------------------------------------- evaluation
+
+    @torch.no_grad()
+    def evaluation_loss(self, num_draws: int = 8, seed: int = 1234) -> float:
+        """Mean masked denoising loss over the training images with their (trigger) captions, on ``num_draws``
+        fixed (noise, timestep) draws per image: the same draws for the same seed, whatever the model state."""
+        generator = torch.Generator().manual_seed(seed)
+        self.unet.eval()
+        losses = []
+        for index in range(len(self.dataset)):
+            batch = self.dataset.batch([index] * num_draws, [False] * num_draws)
+            noise = torch.randn(batch["latents"].shape, generator=generator)
+            timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (num_draws,),
+                                      generator=generator)
+            device = self.runtime.device
+            losses.append(self.denoising_losses(batch["latents"].to(device), batch["masks"].to(device),
+                                                batch["captions"], batch["time_ids"].to(device), noise.to(device),
+                                                timesteps.to(device)).mean().item())
+        self.unet.train()
+        return float(np.mean(losses))
+
+    @torch.no_grad()
+    def render_samples(self, tag: str) -> list[Path]:
+        """Render the validation prompts with the in-memory pipeline into ``samples/``."""
+        s = self.settings
+        if not s.validation_prompts or not self.accelerator.is_main_process:
+            return []
+        folder = self.output_dir / "samples"
+        folder.mkdir(parents=True, exist_ok=True)
+        height, width = (int(v) for v in self.dataset.items[0].time_ids[4:6])
+        encoders_device = self.text_encoders[0].device
+        self._move_text_encoders(self.runtime.device)
+        self.unet.eval()
+        paths = []
+        with torch.random.fork_rng(devices=[]):
+            for index, prompt in enumerate(s.validation_prompts):
+                generator = torch.Generator(self.runtime.device).manual_seed(s.seed + index)
+                image = self.pipe(replace_trigger_words(prompt, self.plan.triggers), height=height, width=width,
+                                  num_inference_steps=s.validation_num_inference_steps, generator=generator).images[0]
+                path = folder / f"{tag}-{index}.png"
+                image.save(path)
+                paths.append(path)
+        self.unet.train()
+        self._move_text_encoders(encoders_device)
+        return paths
+
+    # ------------------------------------------------------------------------------------------ checkpoints
+
+    def _trainable_state(self) -> dict[str, torch.Tensor]:
+        return {name: p.detach() for name, p in self.unet.named_parameters() if p.requires_grad}
+
+    def _save_checkpoint(self) -> None:
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.checkpoint_dir, Checkpoint(
+                step=self.step, trainable=self._trainable_state(), embeddings=self.embeddings.embeddings(),
+                optimizer_state=self.optimizer.state_dict(), scheduler_state=self.lr_scheduler.state_dict(),
+                rng=capture_rng(), loss_history=self.loss_history))
+            self.render_samples(f"step-{self.step:06d}")
+        self.accelerator.wait_for_everyone()
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        checkpoint = load_checkpoint(folder)
+        if checkpoint.step >= self.plan.total_steps:
+            raise SettingsError(f"resume_from {folder} is at step {checkpoint.step}, not before the run's last step "
+                                f"{self.plan.total_steps}; raise max_train_steps")
+        params = dict(self.unet.named_parameters())
+        unknown = sorted(set(checkpoint.trainable) ^ set(self._trainable_state()))
+        if unknown:
+            raise SettingsError(f"resume_from {folder} was trained with other UNet settings (e.g. {unknown[0]}); "
+                                "use the same is_lora/lora_rank/targets")
+        with torch.no_grad():
+            for name, value in checkpoint.trainable.items():
+                params[name].copy_(value)
+        self.embeddings.load_embeddings(checkpoint.embeddings)
+        self.optimizer.load_state_dict(checkpoint.optimizer_state)
+        self.lr_scheduler.load_state_dict(checkpoint.scheduler_state)
+        restore_rng(checkpoint.rng)
+        self.step = checkpoint.step
+        self.loss_history = list(checkpoint.loss_history)
+
+    # ------------------------------------------------------------------------------------------------- output
+
+    def _summary_writer(self):
+        from torch.utils.tensorboard import SummaryWriter
+
+        return SummaryWriter(log_dir=str(self.output_dir / "logs"))
+
+    def training_config(self) -> dict:
+        import diffusers
+        import peft
+        import transformers
+
+        return {
+            "settings": self.settings.as_config(),
+            "base_model": base_model.model_spec(self.settings.base_model),
+            "num_images": len(self.dataset),
+            "total_steps": self.plan.total_steps,
+            "pivot_step": self.plan.pivot_step,
+            "num_processes": self.accelerator.num_processes,
+            "special_params": special_params(self.plan.triggers),
+            "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
+                         "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                         "peft": peft.__version__},
+        }
+
+    def export(self) -> TrainingResult:
+        """Final samples, loss curve and the weight files/model card (main process only)."""
+        from peft import get_peft_model_state_dict
+
+        import export
+
+        s = self.settings
+        params = special_params(self.plan.triggers)
+        embeddings = self.embeddings.embeddings()
+        if self.accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.sample_images = self.render_samples("final")
+            draw_loss_curve(self.loss_history, self.output_dir / "loss.png", self.plan.pivot_step)
+            config = self.training_config()
+            unet_state = {k: v.detach().cpu().contiguous() for k, v in self.unet.state_dict().items()}
+            export.write_weight_files(
+                self.output_dir,
+                unet_lora_state=get_peft_model_state_dict(self.unet) if s.is_lora else None,
+                lora_alpha=s.alpha if s.is_lora else None,
+                embeddings=embeddings, special_params=params, training_config=config, name=s.name,
+                unet_layout=UNetLayout.from_unet_config(self.unet.config),
+                unet_full_state=None if s.is_lora else unet_state,
+            )
+            export.write_model_card(self.output_dir, special_params=params, base_model=config["base_model"],
+                                    name=s.name, sample_images=self.sample_images, training_config=config)
+        self.accelerator.wait_for_everyone()
+        return TrainingResult(self.output_dir, self.plan.total_steps, self.plan.pivot_step, list(self.loss_history),
+                              self.sample_images, params, embeddings)
+
+
+def draw_loss_curve(losses: list[float], path: Path, pivot_step: int) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6, 3.5), dpi=100)
+    steps = np.arange(1, len(losses) + 1)
+    axes.plot(steps, losses, linewidth=0.8, alpha=0.5, label="loss")
+    if len(losses) >= 10:
+        window = max(2, len(losses) // 20)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        axes.plot(steps[window - 1:], smooth, linewidth=1.5, label=f"mean of {window}")
+    if 0 < pivot_step < len(losses):
+        axes.axvline(pivot_step, color="grey", linestyle="--", linewidth=1, label="pivot")
+    axes.set_xlabel("optimizer step")
+    axes.set_ylabel("loss")
+    axes.legend(loc="upper right")
+    figure.tight_layout()
+    staging = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(staging)
+    plt.close(figure)
+    staging.replace(path)
+
+
+def _training_noise_scheduler(scheduler):
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(scheduler.config)
+
+
+def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
+
+
+def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
+    return torch.Generator().manual_seed(_step_seed(seed, step, micro, rank) + 1)
+
+
+@lru_cache(maxsize=64)
+def _epoch_order(seed: int, epoch: int, size: int) -> torch.Tensor:
+    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+
+
+def _concat(a, b):
+    return a + b if isinstance(a, list) else torch.cat([a, b])
