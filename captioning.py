@@ -129,7 +129,11 @@ def automatic_captions(captioner: Captioner | None, images: dict[str, Path], pre
     batches = range(0, len(names), batch_size)
     for start in tqdm(batches, desc="captioning", unit="batch", total=len(batches)):
         batch = names[start:start + batch_size]
-        opened = [Image.open(images[name]).convert("RGB") for name in batch]
-        for name, text in zip(batch, captioner.caption(opened)):
+        for name, text in zip(batch, captioner.caption([read_rgb(images[name]) for name in batch])):
             captions[name] = (prefix + restore_trigger_words(text, trigger_words)).strip()
     return captions
+
+
+def read_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")

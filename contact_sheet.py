@@ -14,6 +14,7 @@ COLUMNS = 6
 CAPTION_LINES = 4
 LINE_HEIGHT = 13
 WRAP_CHARS = 30
+LABEL_CHARS = 38
 MASK_SHADE = (20, 30, 90)
 MASK_SHADE_STRENGTH = 0.6  # how dark a zero-weight pixel becomes
 
@@ -55,11 +56,11 @@ def write_contact_sheet(entries: list[SheetEntry], path: Path) -> Path:
         x, y = (index % columns) * cell_w + 4, (index // columns) * cell_h + 4
         thumb = thumbnail(entry)
         sheet.paste(thumb, (x + (THUMB - thumb.width) // 2, y + (THUMB - thumb.height) // 2))
-        draw.text((x, y + THUMB + 2), entry.label[:WRAP_CHARS + 4], fill=(90, 90, 90), font=font)
+        draw.text((x, y + THUMB + 2), entry.label[:LABEL_CHARS], fill=(90, 90, 90), font=font)
         lines = textwrap.wrap(entry.caption, WRAP_CHARS)
         if len(lines) > CAPTION_LINES:
             lines = lines[:CAPTION_LINES - 1] + [lines[CAPTION_LINES - 1][:WRAP_CHARS - 1] + "..."]
         for line_index, line in enumerate(lines):
             draw.text((x, y + THUMB + 2 + LINE_HEIGHT * (line_index + 1)), line, fill="black", font=font)
-    sheet.save(path)
+    sheet.save(path, compress_level=1)
     return path

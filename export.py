@@ -12,6 +12,7 @@ import platform
 import tarfile
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -32,7 +33,7 @@ MODEL_CARD_FILE = "README.md"
 EMBEDDING_NAMES = ("clip_l", "clip_g")
 SDXL_BASE_VERSION = "sdxl_base_v1-0"
 MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
-MODELSPEC_FULL_ARCHITECTURE = "stable-diffusion-xl-v1-base"
+RESERVED_NAMES = {Path(f).stem for f in (DIFFUSERS_LORA_FILE, EMBEDDINGS_FILE, FULL_UNET_FILE)}
 LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors")
 
 
@@ -52,10 +53,24 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        tmp.chmod(0o644)  # mkstemp makes 0600; artifacts are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -69,8 +84,8 @@ def _write_json(path: Path, data: dict) -> None:
 def _json_value(value: object) -> object:
     if isinstance(value, (Path, os.PathLike)):
         return os.fspath(value)
-    if isinstance(value, (set, frozenset, tuple)):
-        return list(value)
+    if isinstance(value, (set, frozenset)):
+        return sorted(value, key=str)
     if type(value).__module__.startswith("torch"):  # torch.dtype, torch.device
         return str(value)
     raise ExportError(f"training_config holds a {type(value).__name__} ({value!r}), which cannot be written as JSON")
@@ -82,9 +97,6 @@ def _write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[st
 
 
 # ---------------------------------------------------------------- validation
-
-
-RESERVED_NAMES = {Path(f).stem for f in (DIFFUSERS_LORA_FILE, EMBEDDINGS_FILE, FULL_UNET_FILE)}
 
 
 def _check_name(name: str) -> None:
@@ -184,34 +196,43 @@ def write_weight_files(out_dir: Path, *, unet_lora_state: dict[str, Tensor] | No
         raise ExportError("give exactly one of unet_lora_state (LoRA run) and unet_full_state (full fine-tune)")
     _check_name(name)
     _check_embeddings(embeddings, special_params)
-    out_dir.mkdir(parents=True, exist_ok=True)
     if unet_lora_state is not None:
-        if lora_alpha is None:
-            raise ExportError("lora_alpha is required with unet_lora_state (the LoraConfig's lora_alpha)")
-        _write_lora_files(out_dir, unet_lora_state, lora_alpha, embeddings, special_params, name, unet_layout)
+        unet_files = _lora_files(unet_lora_state, lora_alpha, embeddings, special_params, name, unet_layout)
     else:
-        _write_safetensors(out_dir / FULL_UNET_FILE, unet_full_state)
+        unet_files = {FULL_UNET_FILE: (unet_full_state, None)}
+    config = {**training_config, "library_versions": library_versions()}
+    json.dumps(config, default=_json_value)  # refuse an unwritable config before anything is written
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for filename, (tensors, metadata) in unet_files.items():
+        _write_safetensors(out_dir / filename, tensors, metadata)
     _write_safetensors(out_dir / EMBEDDINGS_FILE, embeddings)
     _write_json(out_dir / SPECIAL_PARAMS_FILE, special_params)
-    _write_json(out_dir / TRAINING_CONFIG_FILE, {**training_config, "library_versions": library_versions()})
+    _write_json(out_dir / TRAINING_CONFIG_FILE, config)
 
 
-def _write_lora_files(out_dir: Path, state: dict[str, Tensor], lora_alpha: float, embeddings: dict[str, Tensor],
-                      special_params: dict[str, str], name: str, layout: UNetLayout) -> None:
+SafetensorsFile = tuple[dict[str, Tensor], dict[str, str] | None]
+
+
+def _lora_files(state: dict[str, Tensor], lora_alpha: float | None, embeddings: dict[str, Tensor],
+                special_params: dict[str, str], name: str, layout: UNetLayout) -> dict[str, SafetensorsFile]:
+    """The diffusers file and the one-file kohya LoRA, by file name."""
+    if lora_alpha is None:
+        raise ExportError("lora_alpha is required with unet_lora_state (the LoraConfig's lora_alpha)")
     try:
         lora = lora_formats.peft_lora(state, lora_alpha)
         kohya = kohya_state(lora, embeddings, special_params, layout)
     except lora_formats.LoraFormatError as err:
         raise ExportError(f"cannot export the UNet LoRA: {err}") from None
-    tensors, metadata = lora_formats.peft_to_diffusers_file(lora)
-    _write_safetensors(out_dir / DIFFUSERS_LORA_FILE, tensors, metadata)
-    _write_safetensors(out_dir / f"{name}.safetensors", kohya,
-                       kohya_metadata(lora, name=name, special_params=special_params))
+    return {
+        DIFFUSERS_LORA_FILE: lora_formats.peft_to_diffusers_file(lora),
+        f"{name}.safetensors": (kohya, kohya_metadata(lora, name=name, special_params=special_params)),
+    }
 
 
 def write_model_card(out_dir: Path, *, special_params: dict[str, str], base_model: str, name: str,
                      sample_images: list[Path], training_config: dict) -> Path:
-    """Write ``README.md``: trigger words, loading code for diffusers, ComfyUI and A1111/Forge, sample images."""
+    """Write ``README.md`` (after :func:`write_weight_files`): trigger words, loading code for diffusers,
+    ComfyUI and A1111/Forge, sample images (which must lie inside ``out_dir``)."""
     _check_name(name)
     out_dir = out_dir.resolve()
     links = []
@@ -220,99 +241,133 @@ def write_model_card(out_dir: Path, *, special_params: dict[str, str], base_mode
         if not image.is_relative_to(out_dir):
             raise ExportError(f"sample image {image} is not inside {out_dir}; the card links images in the artifact")
         links.append(image.relative_to(out_dir).as_posix())
-    is_lora = not (out_dir / FULL_UNET_FILE).exists()
-    card = _model_card_text(special_params, base_model, name, links, training_config, is_lora)
+    is_lora = (out_dir / DIFFUSERS_LORA_FILE).is_file()
+    if not is_lora and not (out_dir / FULL_UNET_FILE).is_file():
+        raise ExportError(f"{out_dir} holds no UNet weights; call write_weight_files before write_model_card")
+    card = ModelCard(special_params, base_model, name, links, training_config, is_lora)
     path = out_dir / MODEL_CARD_FILE
-    _write_text(path, card)
+    _write_text(path, card.text())
     return path
 
 
-def _model_card_text(special_params: dict[str, str], base_model: str, name: str, images: list[str],
-                     training_config: dict, is_lora: bool) -> str:
-    tokens = all_tokens(special_params)
-    first_trigger, first_tokens = next(iter(special_params.items()))
-    trigger_rows = "\n".join(f"| `{t}` | `{tok}` |" for t, tok in special_params.items())
-    gallery = "\n".join(f"![sample {i}]({link})" for i, link in enumerate(images)) or "(no samples were rendered)"
-    load_unet = (
-        f'pipe.load_lora_weights("{name}", weight_name="{DIFFUSERS_LORA_FILE}")'
-        if is_lora else
-        f'pipe.unet.load_state_dict(load_file("{name}/{FULL_UNET_FILE}"))'
-    )
-    unload_unet = " `pipe.unload_lora_weights()` (the LoRA)," if is_lora else ""
-    return f"""---
-base_model: {base_model}
-tags:
-- stable-diffusion-xl
-- text-to-image
-- {"lora" if is_lora else "full-fine-tune"}
-- pivotal-tuning
-- textual-inversion
-instance_prompt: {first_tokens}
----
-# {name}
+@dataclass(frozen=True)
+class ModelCard:
+    special_params: dict[str, str]
+    base_model: str
+    name: str
+    sample_links: list[str]
+    training_config: dict
+    is_lora: bool
 
-An SDXL {"LoRA" if is_lora else "fine-tune"} trained with pivotal tuning: new tokens in both text encoders
-together with {"a LoRA on" if is_lora else "a full fine-tune of"} the UNet of `{base_model}`.
+    def text(self) -> str:
+        return "\n\n".join([self._front_matter(), self._intro(), self._files(), self._diffusers(), self._comfyui(),
+                             self._a1111(), self._samples(), self._training()]) + "\n"
+
+    @property
+    def _tokens(self) -> list[str]:
+        return all_tokens(self.special_params)
+
+    @property
+    def _first(self) -> tuple[str, str]:
+        return next(iter(self.special_params.items()))
+
+    def _front_matter(self) -> str:
+        kind = "lora" if self.is_lora else "full-fine-tune"
+        return "\n".join(["---", f"base_model: {json.dumps(self.base_model)}", "tags:", "- stable-diffusion-xl",
+                          "- text-to-image", f"- {kind}", "- pivotal-tuning", "- textual-inversion",
+                          f"instance_prompt: {json.dumps(self._first[1])}", "---"])
+
+    def _intro(self) -> str:
+        what = "a LoRA on" if self.is_lora else "a full fine-tune of"
+        rows = "\n".join(f"| `{trigger}` | `{tokens}` |" for trigger, tokens in self.special_params.items())
+        return f"""# {self.name}
+
+An SDXL model trained with pivotal tuning: new tokens in both text encoders together with {what} the UNet of
+`{self.base_model}`.
 
 ## Trigger words
 
-Write the trigger word in your prompt. With this repository's predictor and in A1111/Forge use the trigger word;
-in diffusers and ComfyUI use the tokens.
+With this repository's predictor and in A1111/Forge write the trigger word in the prompt; in diffusers write its
+tokens; in ComfyUI see below.
 
-| trigger word | tokens (diffusers) |
+| trigger word | tokens |
 | --- | --- |
-{trigger_rows}
+{rows}"""
 
-## Files
+    def _files(self) -> str:
+        rows = [f"| `{DIFFUSERS_LORA_FILE if self.is_lora else FULL_UNET_FILE}` | UNet weights for diffusers |",
+                f"| `{EMBEDDINGS_FILE}` | new-token embeddings: `clip_l` (first text encoder), `clip_g` (second), "
+                f"one row per token `{''.join(self._tokens)}` |"]
+        if self.is_lora:
+            rows.append(f"| `{self.name}.safetensors` | one-file LoRA for A1111/Forge, ComfyUI and kohya tools, "
+                        "embeddings bundled |")
+        rows += [f"| `{SPECIAL_PARAMS_FILE}` | trigger word → tokens |",
+                 f"| `{TRAINING_CONFIG_FILE}` | every training setting and library versions |"]
+        return "## Files\n\n| file | what |\n| --- | --- |\n" + "\n".join(rows)
 
-| file | what |
-| --- | --- |
-| `{DIFFUSERS_LORA_FILE if is_lora else FULL_UNET_FILE}` | UNet weights for diffusers |
-| `{EMBEDDINGS_FILE}` | new-token embeddings: `clip_l` (first text encoder), `clip_g` (second), one row per token `{"".join(tokens)}` |
-{f"| `{name}.safetensors` | one-file LoRA for A1111/Forge, ComfyUI and kohya tools, embeddings bundled |" if is_lora else ""}
-| `{SPECIAL_PARAMS_FILE}` | trigger word → tokens |
-| `{TRAINING_CONFIG_FILE}` | every training setting and library versions |
-
-## diffusers
+    def _diffusers(self) -> str:
+        load_unet = (f'pipe.load_lora_weights(folder, weight_name="{DIFFUSERS_LORA_FILE}")' if self.is_lora
+                     else f'pipe.unet.load_state_dict(load_file(f"{{folder}}/{FULL_UNET_FILE}"))')
+        unload_unet = " `pipe.unload_lora_weights()` for the LoRA," if self.is_lora else ""
+        trigger, tokens = self._first
+        return f"""## diffusers
 
 ```python
 import torch
 from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
-pipe = StableDiffusionXLPipeline.from_pretrained("{base_model}", torch_dtype=torch.float16).to("cuda")
+folder = "{self.name}"  # where the trained tar was extracted
+device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
+pipe = StableDiffusionXLPipeline.from_pretrained("{self.base_model}", torch_dtype=dtype).to(device)
 {load_unet}
-embeddings = load_file("{name}/{EMBEDDINGS_FILE}")
-tokens = {tokens!r}
+embeddings = load_file(f"{{folder}}/{EMBEDDINGS_FILE}")
+tokens = {self._tokens!r}
 pipe.load_textual_inversion(embeddings["clip_l"], token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
 pipe.load_textual_inversion(embeddings["clip_g"], token=tokens, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
 
-image = pipe("a photo of {first_tokens}", num_inference_steps=30).images[0]
+image = pipe("a photo of {tokens}", num_inference_steps=30).images[0]
 image.save("out.png")
 ```
 
-`{first_tokens}` stands for `{first_trigger}`. To remove the tokens again:{unload_unet}
-`pipe.unload_textual_inversion(tokens=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)` and
-the same with `text_encoder_2`/`tokenizer_2`.
+`{tokens}` stands for `{trigger}`. To go back to the base model:{unload_unet}
+`pipe.unload_textual_inversion(tokens=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)` and the
+same with `text_encoder_2`/`tokenizer_2`."""
 
-## ComfyUI
+    def _comfyui(self) -> str:
+        lora = (f"Copy `{self.name}.safetensors` to `ComfyUI/models/loras/` and add a *Load LoRA* node after the "
+                "checkpoint loader. " if self.is_lora else "")
+        return f"""## ComfyUI
 
-{f"Copy `{name}.safetensors` to `ComfyUI/models/loras/` and add a *Load LoRA* node after the checkpoint loader." if is_lora else "Use the diffusers weights above; this run did not produce a one-file LoRA."}
-Copy `{EMBEDDINGS_FILE}` to `ComfyUI/models/embeddings/{name}.safetensors` and write `embedding:{name}` in the
-prompt where the trigger word goes (it inserts all tokens `{"".join(tokens)}`).
+{lora}Copy `{EMBEDDINGS_FILE}` to `ComfyUI/models/embeddings/{self.name}.safetensors` and write `embedding:{self.name}`
+in the prompt where the trigger word goes; it inserts all tokens, `{''.join(self._tokens)}`."""
 
-## AUTOMATIC1111 / Forge
+    def _a1111(self) -> str:
+        if not self.is_lora:
+            return "## AUTOMATIC1111 / Forge\n\nThis full fine-tune ships diffusers weights only."
+        trigger = self._first[0]
+        return f"""## AUTOMATIC1111 / Forge
 
-{f"Copy `{name}.safetensors` to `models/Lora/`. The embeddings are bundled in it, so write `<lora:{name}:1>` and the trigger word `{first_trigger}` in the prompt, e.g. `a photo of {first_trigger} <lora:{name}:1>`." if is_lora else "A1111/Forge need a one-file checkpoint; this full fine-tune ships diffusers weights only."}
+Copy `{self.name}.safetensors` to `models/Lora/`. The embeddings are bundled in it under the trigger words, so
+write the LoRA tag and the trigger word in the prompt, e.g. `a photo of {trigger} <lora:{self.name}:1>`."""
 
-## Samples
+    def _samples(self) -> str:
+        images = "\n".join(f"![sample {i}]({link})" for i, link in enumerate(self.sample_links))
+        return "## Samples\n\n" + (images or "No samples were rendered.")
 
-{gallery}
+    def _training(self) -> str:
+        return (f"## Training\n\nEvery setting of this run, with the library versions, is in "
+                f"`{TRAINING_CONFIG_FILE}`.\n\n{_settings_table(self.training_config)}").rstrip()
 
-## Training
 
-Settings are in `{TRAINING_CONFIG_FILE}`; {len(training_config)} of them were recorded.
-"""
+def _table_cell(value: object) -> str:
+    return str(value).replace("|", "\\|").replace("`", "'").replace("\n", " ")
+
+
+def _settings_table(training_config: dict) -> str:
+    rows = [f"| `{key}` | `{_table_cell(value)}` |" for key, value in sorted(training_config.items())
+            if isinstance(value, (str, int, float, bool))]
+    return "\n".join(["| setting | value |", "| --- | --- |", *rows]) if rows else ""
 
 
 def pack_tar(out_dir: Path, tar_path: Path) -> Path:

@@ -54,6 +54,7 @@ SCHEDULERS: dict[str, Callable[[dict], object]] = {
         config, algorithm_type="sde-dpmsolver++", solver_order=2, use_karras_sigmas=True),
     "UniPC": UniPCMultistepScheduler.from_config,
 }
+MIN_STEPS = {"PNDM": 4}  # PNDM's Runge-Kutta warm-up needs this many steps
 REFINE_MODES = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
 OUTPUT_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 MAX_OUTPUTS = 4
@@ -218,6 +219,9 @@ def validate_request(request: GenerationRequest, settings: ModelSettings) -> Non
         raise GenerationInputError(f"num_outputs={request.num_outputs} is outside 1..{MAX_OUTPUTS}")
     if request.scheduler not in SCHEDULERS:
         raise GenerationInputError(f"scheduler={request.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
+    if request.num_inference_steps < MIN_STEPS.get(request.scheduler, 1):
+        raise GenerationInputError(f"scheduler={request.scheduler} needs num_inference_steps >= "
+                                   f"{MIN_STEPS[request.scheduler]}, got {request.num_inference_steps}")
     if request.refine not in REFINE_MODES:
         raise GenerationInputError(f"refine={request.refine!r} is not one of {', '.join(REFINE_MODES)}")
     if request.output_format not in OUTPUT_FORMATS:

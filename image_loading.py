@@ -73,7 +73,7 @@ def load_photo(path: Path, name: str, min_side: int, max_pixels: int = DEFAULT_M
                 width, height = opened.size
                 if width * height > max_pixels:
                     raise ImageBombError(f"{name}: {width}x{height} is {width * height} pixels, more than the "
-                                         f"limit of {max_pixels} (decompression bomb?)")
+                                         f"limit of {max_pixels} (decompression bomb)")
                 orientation = opened.getexif().get(EXIF_ORIENTATION_TAG, 1)
                 original_size = (height, width) if orientation in TRANSPOSING_ORIENTATIONS else (width, height)
                 scale = min(width, height) / max(min_side, 1)
@@ -82,11 +82,11 @@ def load_photo(path: Path, name: str, min_side: int, max_pixels: int = DEFAULT_M
                 opened.load()
                 upright = ImageOps.exif_transpose(opened)
                 rgb = to_rgb(upright)
+    except ImageBombError:
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        raise ImageBombError(f"{name}: refused as a decompression bomb ({error})") from None
+        raise ImageBombError(f"{name}: refused as a decompression bomb: {error}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as error:
-        if isinstance(error, ImageBombError):
-            raise
         raise UnreadableImageError(f"{name}: cannot be decoded ({error})") from None
     return Photo(name=name, image=rgb, original_size=original_size)
 
@@ -103,7 +103,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB") if image.mode != "RGB" else image.copy()
+    return image.convert("RGB") if image.mode != "RGB" else image
 
 
 def guess_peak(pixels: np.ndarray) -> float:

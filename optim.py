@@ -89,7 +89,7 @@ def split_optimizer_state(state_dict: dict) -> tuple[dict[str, torch.Tensor], di
     for index, state in state_dict["state"].items():
         for key, value in state.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().cpu().contiguous()
+                tensors[f"{index}.{key}"] = value.detach().cpu().clone()
             else:
                 scalars.setdefault(str(index), {})[key] = value
     return tensors, {"scalars": scalars, "param_groups": state_dict["param_groups"]}

@@ -7,6 +7,7 @@ archive leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import stat
@@ -45,16 +46,19 @@ def detect_archive_type(path: Path, declared: str = "infer") -> str:
     `input_images_filetype` ("zip", "tar" or "infer"), and the content wins when the two disagree."""
     path = Path(path)
     if declared not in DECLARED_TYPES:
-        raise ArchiveError(f"{path.name}: unknown archive type {declared!r}, expected one of {', '.join(DECLARED_TYPES)}")
+        raise ArchiveError(f"{path.name}: unknown archive type {declared!r}, expected one of "
+                           f"{', '.join(DECLARED_TYPES)}")
     if not path.is_file():
         raise ArchiveError(f"{path}: not a file")
     detected = _detect_by_content(path)
     if declared != "infer" and declared != detected:
-        logger.warning("%s was declared %s but its content is %s; reading it as %s", path.name, declared, detected, detected)
+        logger.warning("%s was declared %s but its content is %s; reading it as %s", path.name, declared, detected,
+                       detected)
     return detected
 
 
-def safe_extract(archive: Path, dest: Path, limits: ExtractionLimits | None = None, declared: str = "infer") -> list[Path]:
+def safe_extract(archive: Path, dest: Path, limits: ExtractionLimits | None = None,
+                 declared: str = "infer") -> list[Path]:
     """Extract `archive` into `dest` (which must not exist or be empty) and return the extracted files, in archive
     order. Only regular files and folders are accepted; links, devices, escaping paths and bombs are refused."""
     archive, dest = Path(archive), Path(dest)
@@ -62,6 +66,7 @@ def safe_extract(archive: Path, dest: Path, limits: ExtractionLimits | None = No
     kind = detect_archive_type(archive, declared)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ArchiveError(f"{archive.name}: destination {dest} already exists and is not an empty folder")
+    created_parents = [folder for folder in (dest.parent, *dest.parent.parents) if not folder.exists()]
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.partial-", dir=dest.parent))
     try:
@@ -72,6 +77,9 @@ def safe_extract(archive: Path, dest: Path, limits: ExtractionLimits | None = No
         staging.rename(dest)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        for folder in created_parents:  # innermost first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     return [dest / rel for rel in relative_files]
 
@@ -129,6 +137,7 @@ class _Extractor:
         self.members_seen = 0
         self.total_written = 0
         self.files: list[PurePosixPath] = []
+        self.written: set[PurePosixPath] = set()
 
     def count_member(self, name: str) -> None:
         self.members_seen += 1
@@ -155,6 +164,9 @@ class _Extractor:
     def write_file(self, name: str, rel: PurePosixPath, source: BinaryIO, size_limit: int,
                    compressed_bytes: int) -> None:
         """Stream `source` to disk, counting the bytes actually produced: headers can lie about sizes."""
+        if rel in self.written:
+            raise ArchiveError(f"{name}: appears twice in the archive")
+        self.written.add(rel)
         path = self.target(rel)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

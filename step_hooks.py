@@ -34,6 +34,7 @@ class StepRecord:
     pivoted: bool
     seconds: dict[str, float]  # per phase
     step_seconds: float  # wall time since the previous step ended (includes work outside the phases)
+    cpu_seconds: float  # CPU time of all this process's threads over the same span (steadier on a busy machine)
 
     @property
     def total(self) -> float:
@@ -49,6 +50,7 @@ class PhaseTimer(StepHooks):
     first_step_started: float | None = None  # time.perf_counter() when the first phase of the first step began
     _current: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     _last_step_end: float | None = None
+    _last_step_cpu: float = 0.0
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
@@ -60,6 +62,7 @@ class PhaseTimer(StepHooks):
         start = time.perf_counter()
         if self.first_step_started is None:
             self.first_step_started = self._last_step_end = start
+            self._last_step_cpu = time.process_time()
         try:
             yield
         finally:
@@ -68,7 +71,8 @@ class PhaseTimer(StepHooks):
 
     def step_done(self, step: int, pivoted: bool) -> None:
         self._sync()
-        now = time.perf_counter()
-        self.records.append(StepRecord(step, pivoted, dict(self._current), now - (self._last_step_end or now)))
+        now, cpu = time.perf_counter(), time.process_time()
+        self.records.append(StepRecord(step, pivoted, dict(self._current), now - (self._last_step_end or now),
+                                       cpu - self._last_step_cpu))
         self._current = defaultdict(float)
-        self._last_step_end = now
+        self._last_step_end, self._last_step_cpu = now, cpu

@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 MiB = 1024**2
 GiB = 1024**3
-CHUNK_BYTES = 1 * MiB
+CHUNK_BYTES = 64 * 1024
 
 OUR_LORA = "pytorch_lora_weights.safetensors"
 OUR_EMBEDDINGS = "embeddings.safetensors"
@@ -178,7 +178,7 @@ def _describe_response(response: requests.Response, offset: int, url: str) -> _R
 
 def download(url: str, dest: Path, settings: WeightsSettings, make_room: Callable[[int], None]) -> None:
     """Stream ``url`` to ``dest``. A dropped connection is resumed from the bytes already received (HTTP Range)
-    when the server accepts ranges, up to ``settings.download_attempts`` times. The received size must match the
+    when the server accepts ranges (else from the start), up to ``settings.download_attempts`` times. The received size must match the
     announced one. On failure nothing is left at ``dest`` or in its ``.part`` file."""
     part = dest.with_name(dest.name + ".part")
     part.unlink(missing_ok=True)
@@ -190,10 +190,11 @@ def download(url: str, dest: Path, settings: WeightsSettings, make_room: Callabl
                 _download_once(session, url, part, settings, make_room)
                 break
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
-                resumable = part.exists() and part.stat().st_size > 0
-                if attempt == settings.download_attempts or not resumable:
-                    raise WeightsError(f"{redact(url)}: download failed ({type(error).__name__})") from None
-                logger.warning("%s: connection lost at %d bytes, resuming", redact(url), part.stat().st_size)
+                if attempt == settings.download_attempts:
+                    raise WeightsError(f"{redact(url)}: download failed after {attempt} attempts "
+                                       f"({type(error).__name__})") from None
+                received = part.stat().st_size if part.exists() else 0
+                logger.warning("%s: connection lost at %d bytes, resuming", redact(url), received)
             except requests.TooManyRedirects:
                 raise WeightsError(f"{redact(url)}: more than {settings.max_redirects} redirects") from None
             except requests.RequestException as error:

@@ -145,7 +145,7 @@ def _speed_settings(trainer_module, bench: BenchSettings) -> dict:
 def phase_table(records: list[StepRecord]) -> str:
     """Mean seconds per phase, before and after the pivot (the first step of each side is shown apart: it
     includes one-off work such as the pivot's caption encoding)."""
-    columns = [*PHASES, "other", "step"]
+    columns = [*PHASES, "other", "step", "step CPU"]
     rows = []
     for label, pivoted in (("before pivot", False), ("after pivot", True)):
         side = [r for r in records if r.pivoted == pivoted]
@@ -165,6 +165,8 @@ def phase_table(records: list[StepRecord]) -> str:
 def _cell(record: StepRecord, column: str) -> float:
     if column == "step":
         return record.step_seconds
+    if column == "step CPU":
+        return record.cpu_seconds
     if column == "other":
         return record.step_seconds - record.total
     return record.seconds.get(column, 0.0)
@@ -190,6 +192,7 @@ def summary_table(bench: BenchSettings, records: list[StepRecord], times: JobTim
         ("steps/s, whole job", f"{len(records) / times.total:.4f}"),
         ("steps/s, training loop", f"{len(records) / times.training:.4f}"),
         ("peak RSS GB", f"{peak_rss_gb():.2f}"),
+        ("load average at the end (1 min)", f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"),
     ]
     cuda_peak = cuda_peak_gb(runtime.device)
     if cuda_peak is not None:
@@ -207,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         records, times, trainer = run_job(bench, Path(tmp))
         if trainer.accelerator.is_main_process:
+            sys.stderr.flush()
+            print("\n$ " + " ".join(["python", *sys.argv]))
             print(phase_table(records))
             print()
             print(summary_table(bench, records, times, trainer))

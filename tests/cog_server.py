@@ -87,7 +87,14 @@ class CogServer:
         raise TimeoutError(f"cog server ({self.mode}) not READY after {timeout}s: {self.log_tail()}")
 
     def post(self, path: str, body: dict, timeout: float = 300) -> requests.Response:
-        return requests.post(f"{self.url}{path}", json=body, timeout=timeout)
+        """POST like Replicate's dispatcher: a 409 (the one slot not yet released by the previous request) is
+        retried for a few seconds."""
+        deadline = time.monotonic() + 10
+        while True:
+            response = requests.post(f"{self.url}{path}", json=body, timeout=timeout)
+            if response.status_code != 409 or time.monotonic() > deadline:
+                return response
+            time.sleep(0.2)
 
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]

@@ -65,7 +65,7 @@ def exported(pipe, embeddings, tmp_path_factory):
     trained = render(pipe)
     pipe.unet.delete_adapters("trained")
     assert np.array_equal(render(pipe), base)
-    out = tmp_path_factory.mktemp("export") / "artifact"
+    out = tmp_path_factory.mktemp("export") / "my_lora"
     layout = lora_formats.UNetLayout.from_unet_config(pipe.unet.config)
     export.write_weight_files(out, unet_lora_state=state, lora_alpha=8, embeddings=embeddings,
                               special_params=SPECIAL, training_config=CONFIG, unet_layout=layout, name="my_lora")
@@ -161,8 +161,30 @@ def test_model_card_names_triggers_loading_code_and_samples(exported):
     card = (exported["out"] / "README.md").read_text()
     for needed in ("TOK", "<s0><s1>", "STY", "<s2>", "load_lora_weights", "load_textual_inversion",
                    "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2", "['<s0>', '<s1>', '<s2>']",
-                   "samples/0.png", "ComfyUI/models/loras/", "<lora:my_lora:1>", "instance_prompt: <s0><s1>"):
+                   "samples/0.png", "ComfyUI/models/loras/", "<lora:my_lora:1>", 'instance_prompt: "<s0><s1>"'):
         assert needed in card, needed
+
+
+def test_model_card_diffusers_code_runs_as_written(pipe, exported, monkeypatch):
+    """The card's snippet, minus the base-model download, run on the live tiny pipeline."""
+    card = (exported["out"] / "README.md").read_text()
+    code = card.split("```python\n")[1].split("```")[0]
+    assert "from_pretrained(" in code
+    code = "\n".join(line for line in code.splitlines() if "from_pretrained(" not in line)
+    code = code.replace("num_inference_steps=30", "num_inference_steps=2, height=32, width=32, guidance_scale=5.0, "
+                        "generator=torch.Generator().manual_seed(0)")
+    monkeypatch.chdir(exported["out"].parent)
+    namespace = {"pipe": pipe}
+    try:
+        exec(code, namespace)
+    finally:
+        pipe.unload_lora_weights()
+        for encoder, tokenizer in ((pipe.text_encoder, pipe.tokenizer), (pipe.text_encoder_2, pipe.tokenizer_2)):
+            if "<s0>" in tokenizer.get_vocab():
+                pipe.unload_textual_inversion(tokens=TOKENS, text_encoder=encoder, tokenizer=tokenizer)
+    with_weights = np.asarray(Image.open("out.png"), dtype=np.float32) / 255
+    assert np.abs(with_weights - render(pipe, "a photo of <s0><s1>")).max() > 0.05
+    assert np.array_equal(render(pipe), exported["base"])
 
 
 def test_model_card_refuses_samples_outside_the_artifact(exported, tmp_path):
@@ -289,3 +311,28 @@ def test_pack_tar_into_an_unwritable_folder_leaves_nothing(exported, tmp_path):
         assert os.listdir(target) == []
     finally:
         target.chmod(0o700)
+
+
+def test_training_config_that_is_not_json_is_refused_before_writing(exported, tmp_path):
+    with pytest.raises(export.ExportError, match="object"):
+        export.write_weight_files(tmp_path / "out", unet_lora_state=exported["state"], lora_alpha=8,
+                                  embeddings={"clip_l": torch.zeros(3, 32), "clip_g": torch.zeros(3, 64)},
+                                  special_params=SPECIAL, training_config={"callback": object()},
+                                  unet_layout=exported["layout"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_cog_sdxl_legacy_weights_convert_and_load_like_ours(pipe, exported, embeddings):
+    """A replicate/cog-sdxl tar's lora.safetensors + embeddings.pti, converted, give the trained image."""
+    ours = lora_formats.peft_lora(exported["state"], lora_alpha=8)
+    cog_lora = lora_formats.peft_to_cog_sdxl_lora(ours)  # alpha/rank folded: cog-sdxl has no alpha
+    cog_embeddings = {"text_encoders_0": embeddings["clip_l"], "text_encoders_1": embeddings["clip_g"]}
+    converted = lora_formats.cog_sdxl_embeddings(cog_embeddings)
+    assert all(torch.equal(converted[k], embeddings[k]) for k in ("clip_l", "clip_g"))
+    pipe.load_lora_weights(lora_formats.peft_to_diffusers_dict(lora_formats.cog_sdxl_lora_to_peft(cog_lora)))
+    try:
+        loaded = render(pipe)
+    finally:
+        pipe.unload_lora_weights()
+    np.testing.assert_allclose(loaded, exported["trained"], atol=1e-5)
+    assert np.array_equal(render(pipe), exported["base"])

@@ -1,15 +1,18 @@
 """Hostile and ordinary archives through safe_extract: refusals are one-line ArchiveErrors and leave nothing behind."""
 
-import io
 import gzip
+import io
+import os
 import stat
 import tarfile
 import zipfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from safe_archive import ArchiveError, ExtractionLimits, detect_archive_type, safe_extract
+from safe_archive import ArchiveError, ExtractionLimits, detect_archive_type, safe_extract, safe_member_path
 
 
 def make_zip(path: Path, members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> Path:
@@ -83,6 +86,13 @@ def test_unknown_declared_type_and_non_archive_are_refused(work: Path) -> None:
     text = work / "notes.tar"
     text.write_bytes(b"just some text, not an archive" * 10)
     assert_refused(text, work, "notes.tar: not a zip or tar archive")
+
+
+def test_refusal_removes_the_parent_folders_it_created(work: Path) -> None:
+    archive = make_zip(work / "slip.zip", {"../evil.txt": b"pwned"})
+    with pytest.raises(ArchiveError):
+        safe_extract(archive, work / "new" / "deeper" / "out")
+    assert sorted(p.name for p in work.iterdir()) == ["slip.zip"]
 
 
 def test_existing_non_empty_destination_is_refused(work: Path) -> None:
@@ -201,9 +211,30 @@ def test_size_limits_are_enforced(work: Path) -> None:
     assert_refused(too_much, work, "2.bin: archive expands to more than 2500 bytes", limits)
 
 
+def test_duplicate_members_are_refused(work: Path) -> None:
+    archive = work / "twice.tar"
+    with tarfile.open(archive, "w") as tar:
+        add_tar_file(tar, "a/photo.jpg", b"first")
+        add_tar_file(tar, "a//./photo.jpg", b"second")
+    assert_refused(archive, work, "a//./photo.jpg: appears twice in the archive")
+
+
 def test_truncated_tar_is_refused(work: Path) -> None:
     archive = work / "cut.tar.gz"
     with tarfile.open(archive, "w:gz") as tar:
         add_tar_file(tar, "a.bin", bytes(range(256)) * 400)
     archive.write_bytes(archive.read_bytes()[:200])
     assert_refused(archive, work, "cut.tar.gz: corrupt or truncated tar")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["..", ".", "", "a", "b.png", "/", "\\", "C:", "~", "\x00", " "]), max_size=6)
+       .map("/".join) | st.text(max_size=30))
+def test_accepted_member_names_always_land_inside(name: str) -> None:
+    try:
+        rel = safe_member_path(name)
+    except ArchiveError as error:
+        assert "\n" not in str(error)
+        return
+    joined = os.path.normpath(os.path.join("/base", *rel.parts))
+    assert joined.startswith("/base/") and not rel.is_absolute() and ".." not in rel.parts

@@ -1,0 +1,236 @@
+"""The weights cache (fetch, verify, evict) and live switching of trained weights on the tiny SDXL pipeline."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import export
+import weights_manager as wm
+from lora_formats import UNetLayout
+from weights_fixtures import WeightsServer, random_embeddings, random_peft_lora, tiny_unet, write_cog_sdxl_tar, \
+    write_trained_tar
+
+
+@pytest.fixture(scope="module")
+def tars(tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("tars")
+    unet = tiny_unet()
+    return {"a": write_trained_tar(folder, 1, unet), "b": write_trained_tar(folder, 2, unet),
+            "c": write_trained_tar(folder, 3, unet), "cog": write_cog_sdxl_tar(folder, 4, unet)}
+
+
+@pytest.fixture(scope="module")
+def server(tars):
+    with WeightsServer(next(iter(tars.values())).parent) as running:
+        yield running
+
+
+def settings(tmp_path: Path, **overrides) -> wm.WeightsSettings:
+    return wm.WeightsSettings(cache_dir=tmp_path / "cache", min_free_bytes=0, **overrides)
+
+
+def leftovers(cache: wm.WeightsCache) -> list[str]:
+    return sorted(p.name for p in cache.root.iterdir())
+
+
+def data_uri(path: Path) -> str:
+    return "data:application/x-tar;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+# ---------------------------------------------------------------------------------------------- cache
+
+
+def test_fetch_by_path_data_uri_and_url_gives_same_files_and_url_is_cached(tmp_path, tars, server):
+    cache = wm.WeightsCache(settings(tmp_path))
+    folders = [cache.ensure(str(tars["a"])), cache.ensure(data_uri(tars["a"])), cache.ensure(server.url("files/" + tars["a"].name))]
+    for folder in folders:
+        assert (folder / wm.OUR_LORA).read_bytes() == (folders[0] / wm.OUR_LORA).read_bytes()
+        assert wm.read_special_params(folder, "x") == {"TOK": "<s0><s1>"}
+    hits_before = len(server.requests)
+    assert cache.ensure(server.url("files/" + tars["a"].name)) == folders[2]
+    assert len(server.requests) == hits_before, "a cached URL is not downloaded again"
+    assert len(cache.entries()) == 3
+
+
+def test_dropped_connection_resumes_with_range(tmp_path, tars, server):
+    cache = wm.WeightsCache(settings(tmp_path))
+    folder = cache.ensure(server.url("drop/" + tars["b"].name))
+    ranges = [rng for path, rng in server.requests if path == "/drop/" + tars["b"].name]
+    assert ranges[0] is None and ranges[1] is not None and ranges[1].startswith("bytes=")
+    assert wm.read_trained_weights(folder).lora is not None
+
+
+def _not_a_tar(tmp: Path) -> Path:
+    path = tmp / "notes.tar"
+    path.write_text("just some text\n" * 100)
+    return path
+
+
+def _tar_without_weights(tmp: Path) -> Path:
+    path = tmp / "photos.tar"
+    with tarfile.open(path, "w") as tar:
+        info = tarfile.TarInfo("readme.txt")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+    return path
+
+
+def _truncated_tar(tmp: Path, whole: Path) -> Path:
+    path = tmp / "truncated.tar"
+    path.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    return path
+
+
+@pytest.mark.parametrize("case", ["http404", "html", "short", "redirect_loop", "not_a_tar", "no_weight_files",
+                                  "truncated", "bad_data_uri", "missing_path"])
+def test_bad_sources_are_one_line_errors_and_leave_nothing(tmp_path, tars, server, case):
+    served = tmp_path / "served"
+    served.mkdir()
+    sources = {
+        "http404": lambda: server.url("files/nothing.tar"),
+        "html": lambda: server.url("html"),
+        "short": lambda: server.url("short/" + tars["a"].name),
+        "redirect_loop": lambda: server.url("loop"),
+        "not_a_tar": lambda: str(_not_a_tar(served)),
+        "no_weight_files": lambda: str(_tar_without_weights(served)),
+        "truncated": lambda: str(_truncated_tar(served, tars["a"])),
+        "bad_data_uri": lambda: "data:application/x-tar;base64,@@@not base64@@@",
+        "missing_path": lambda: str(tmp_path / "missing.tar"),
+    }
+    cache = wm.WeightsCache(settings(tmp_path))
+    with pytest.raises(wm.WeightsError) as error:
+        cache.ensure(sources[case]())
+    message = str(error.value)
+    assert "\n" not in message and len(message) < 300, message
+    assert cache.entries() == [] and leftovers(cache) == []
+
+
+def test_lru_eviction_keeps_budget_and_never_evicts_pinned(tmp_path, tars):
+    entry_bytes = wm._folder_bytes(wm.WeightsCache(settings(tmp_path / "probe")).ensure(str(tars["a"])))
+    cache = wm.WeightsCache(settings(tmp_path, max_cache_bytes=int(entry_bytes * 2.5)))
+    a, b = cache.ensure(str(tars["a"])), cache.ensure(str(tars["b"]))
+    cache.ensure(str(tars["a"]))  # a is now the most recently used
+    cache.ensure(str(tars["c"]))
+    assert a.is_dir() and not b.is_dir(), "the least recently used entry (b) is evicted"
+    assert cache.total_bytes() <= cache.settings.max_cache_bytes
+    cache.pinned.add(wm.cache_key(str(tars["a"])))  # a in use, and least recently used now
+    cache.ensure(str(tars["b"]))
+    assert a.is_dir(), "the pinned entry survives"
+    assert cache.total_bytes() <= cache.settings.max_cache_bytes
+
+
+def test_free_disk_floor_refuses_with_one_line(tmp_path, tars):
+    cache = wm.WeightsCache(settings(tmp_path))
+    cache.settings = wm.WeightsSettings(cache_dir=cache.root, min_free_bytes=2**62)
+    with pytest.raises(wm.WeightsError, match="no room"):
+        cache.ensure(str(tars["a"]))
+    assert leftovers(cache) == []
+
+
+def test_reads_cog_sdxl_layout(tmp_path, tars):
+    folder = wm.WeightsCache(settings(tmp_path)).ensure(str(tars["cog"]))
+    weights = wm.read_trained_weights(folder)
+    assert weights.tokens == ["<s0>", "<s1>"] and weights.special_params == {"TOK": "<s0><s1>"}
+    assert any(m.endswith("attn1.to_out.0") for m in weights.lora.modules)
+    assert set(weights.lora.ranks.values()) == {4}
+
+
+def test_trigger_words_are_replaced_whole_word_only():
+    params = {"TOK": "<s0><s1>"}
+    assert wm.expand_triggers("a photo of TOK, TOK.", params) == ("a photo of <s0><s1>, <s0><s1>.", True)
+    assert wm.expand_triggers("TOKEN of STOK", params) == ("TOKEN of STOK", False)
+
+
+# ---------------------------------------------------------------------------------------------- live switching
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from base_model import load_sdxl_pipeline, pick_runtime
+
+    return load_sdxl_pipeline("tiny", pick_runtime("fp32", "cpu"))
+
+
+def render(pipe, prompt: str = "a photo of <s0><s1> dog") -> np.ndarray:
+    generator = torch.Generator("cpu").manual_seed(7)
+    return pipe(prompt, width=64, height=64, num_inference_steps=2, generator=generator, output_type="np").images[0]
+
+
+@pytest.fixture
+def manager(tmp_path, pipe):
+    manager = wm.WeightsManager([pipe], settings(tmp_path, max_loaded_adapters=2))
+    yield manager
+    manager.use(None, 1.0)
+    for entry in list(manager.live.loaded.values()):
+        if entry.adapter:
+            pipe.unet.delete_adapters(entry.adapter)
+
+
+def test_base_after_weights_is_exactly_base_and_tokens_are_gone(manager, pipe, tars):
+    base = render(pipe)
+    base_ids = pipe.tokenizer("<s0>").input_ids
+    manager.use(str(tars["a"]), 0.6)
+    assert pipe.tokenizer("<s0>").input_ids != base_ids, "the new token is known while the weights are active"
+    with_a = render(pipe)
+    manager.use(None, 0.6)
+    assert pipe.tokenizer("<s0>").input_ids == base_ids
+    assert not np.array_equal(with_a, base)
+    assert np.array_equal(render(pipe), base)
+
+
+def test_switching_between_loaded_adapters_does_not_touch_disk(manager, pipe, tars):
+    manager.use(str(tars["a"]), 0.6)
+    first_a = render(pipe)
+    manager.use(str(tars["b"]), 0.6)
+    for entry in manager.cache.entries():  # the disk cache is gone; switching must not need it
+        shutil.rmtree(entry.path)
+    manager.use(str(tars["a"]), 0.6)
+    assert np.array_equal(render(pipe), first_a)
+
+
+def test_loaded_adapters_are_bounded(manager, pipe, tars):
+    for name in ("a", "b", "c"):
+        manager.use(str(tars[name]), 0.6)
+    assert len(pipe.unet.peft_config) == 2 and len(manager.live.loaded) == 2
+
+
+def test_lora_for_another_base_model_is_refused_and_base_kept(manager, pipe, tmp_path):
+    base = render(pipe)
+    unet = tiny_unet()
+    state = random_peft_lora(unet, 9)
+    wrong = {k: (torch.zeros(v.shape[0], v.shape[1] * 2) if "lora_A" in k else v) for k, v in state.items()}
+    out = tmp_path / "wrong"
+    export.write_weight_files(out, unet_lora_state=wrong, lora_alpha=4.0, embeddings=random_embeddings(9),
+                              special_params={"TOK": "<s0><s1>"}, training_config={},
+                              unet_layout=UNetLayout.from_unet_config(unet.config))
+    with pytest.raises(wm.WeightsError, match="another base model") as error:
+        manager.use(str(out), 0.6)
+    assert "\n" not in str(error.value)
+    assert np.array_equal(render(pipe), base)
+    assert not getattr(pipe.unet, "peft_config", {})
+
+
+def test_cancelled_load_rolls_back_to_base_and_retry_works(manager, pipe, tars, monkeypatch):
+    base = render(pipe)
+    real_load = wm.LiveWeights._load_adapter
+
+    def load_then_cancel(self, adapter, lora, label):
+        real_load(self, adapter, lora, label)  # the adapter is in the UNet, not yet registered
+        raise KeyboardInterrupt("cancelled")
+
+    monkeypatch.setattr(wm.LiveWeights, "_load_adapter", load_then_cancel)
+    with pytest.raises(KeyboardInterrupt):
+        manager.use(str(tars["a"]), 0.6)
+    assert manager.active is None and not getattr(pipe.unet, "peft_config", {})
+    assert np.array_equal(render(pipe), base)
+    monkeypatch.setattr(wm.LiveWeights, "_load_adapter", real_load)
+    manager.use(str(tars["a"]), 0.6)
+    assert not np.array_equal(render(pipe), base)

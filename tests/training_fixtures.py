@@ -1,0 +1,57 @@
+"""Small training sets on disk for the dataset and trainer tests (64x64, the layout of docs/CONTRACTS.md)."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+SIZE = 64
+HEADER = ["image_file", "mask_file", "caption", "original_width", "original_height", "crop_top", "crop_left",
+          "width", "height"]
+
+
+def concept_image(index: int, size: int = SIZE) -> Image.Image:
+    """A coloured background with a textured square in the middle: the 'concept' the masks point at."""
+    rng = np.random.default_rng(index)
+    pixels = np.full((size, size, 3), 40 * (index % 4), np.uint8)
+    pixels[..., index % 3] = 200
+    quarter = size // 4
+    pixels[quarter:-quarter, quarter:-quarter] = rng.integers(0, 255, (size - 2 * quarter, size - 2 * quarter, 3))
+    return Image.fromarray(pixels)
+
+
+def centre_mask(size: int = SIZE, floor: int = 25) -> Image.Image:
+    mask = np.full((size, size), floor, np.uint8)
+    quarter = size // 4
+    mask[quarter:-quarter, quarter:-quarter] = 255
+    return Image.fromarray(mask, mode="L")
+
+
+def write_dataset_folder(folder: Path, captions: list[str], with_masks: bool = True) -> Path:
+    """A dataset folder as preprocessing writes it: images/, masks/, captions.csv."""
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    (folder / "masks").mkdir(exist_ok=True)
+    rows = []
+    for index, caption in enumerate(captions):
+        image_file = f"images/{index:03d}.png"
+        concept_image(index).save(folder / image_file)
+        mask_file = ""
+        if with_masks:
+            mask_file = f"masks/{index:03d}.png"
+            centre_mask().save(folder / mask_file)
+        rows.append([image_file, mask_file, caption, 640 + index, 480, 3 * index, 5, SIZE, SIZE])
+    with (folder / "captions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(HEADER)
+        writer.writerows(rows)
+    return folder
+
+
+def write_plain_folder(folder: Path, count: int, size: int = SIZE) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        concept_image(index, size).save(folder / f"photo{index}.png")
+    return folder

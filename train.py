@@ -1,0 +1,202 @@
+"""Cog ``train()``: photos in, ``trained_model.tar`` out (inputs of replicate/cog-sdxl, plus pivotal-tuning options).
+
+Flow: preprocess the upload into a dataset folder → :func:`trainer.train_model` → :func:`export.pack_tar`.
+Callable from plain Python too (tests, ``cog_local.py``): arguments left out take their ``Input`` default.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path as PlainPath
+from typing import Optional
+
+from cog import BaseModel, Input, Path
+from cog.input import FieldInfo
+
+import export
+import preprocess
+from captioning import DEFAULT_CAPTIONER
+from dataset_and_utils import parse_token_string
+from optim import OPTIMIZERS, SCHEDULERS
+from safe_archive import safe_extract
+from trainer import DEFAULT_LORA_TARGETS, TrainingSettings, train_model
+
+
+class TrainingOutput(BaseModel):
+    weights: Path
+
+
+def train(
+    input_images: Path = Input(description="A .zip or .tar file (or folder) of the images to fine-tune on; "
+                               "captions may come as <image>.txt files or a captions.csv/jsonl next to them"),
+    seed: Optional[int] = Input(description="Random seed for reproducible training. Leave empty to use a random seed",
+                                default=None),
+    resolution: int = Input(description="Square pixel resolution which your images will be resized to for training",
+                            default=768),
+    train_batch_size: int = Input(description="Batch size (per device) for training", default=4),
+    num_train_epochs: int = Input(description="Number of epochs to loop through your training dataset", default=4000),
+    max_train_steps: int = Input(description="Number of individual training steps. Takes precedence over "
+                                 "num_train_epochs", default=1000),
+    is_lora: bool = Input(description="Whether to use LoRA training. If set to False, will use Full fine tuning",
+                          default=True),
+    unet_learning_rate: float = Input(description="Learning rate for the U-Net (full fine-tune). We recommend "
+                                      "1e-6 to 1e-5.", default=1e-6),
+    ti_lr: float = Input(description="Learning rate for the new-token (textual inversion) embeddings", default=3e-4),
+    lora_lr: float = Input(description="Learning rate for the LoRA weights", default=1e-4),
+    lora_rank: int = Input(description="Rank of the LoRA", default=32),
+    lr_scheduler: str = Input(description="Learning rate scheduler", default="constant", choices=list(SCHEDULERS)),
+    lr_warmup_steps: int = Input(description="Number of warmup steps for the learning-rate schedule", default=100),
+    token_string: str = Input(description="A unique word that will be trained to refer to the concept in the input "
+                              "images (TOK works well). Several concepts: TOK:2,STY:1 (word:number of new tokens)",
+                              default="TOK"),
+    caption_prefix: str = Input(description="Text used as prefix of every caption; must contain the token_string, "
+                                "e.g. 'a photo of TOK, '", default="a photo of TOK, "),
+    mask_target_prompts: Optional[str] = Input(description="Prompt describing the important part of the images "
+                                               "(e.g. 'photo of a dog'): CLIPSeg masks focus the loss there",
+                                               default=None),
+    crop_based_on_salience: bool = Input(description="Crop the images around the important (masked/face) region "
+                                         "instead of the centre", default=True),
+    use_face_detection_instead: bool = Input(description="Mask faces (face detection) instead of CLIPSeg prompts; "
+                                             "recommended for people", default=False),
+    clipseg_temperature: float = Input(description="How blurry the CLIPSeg mask is (0.5 to 1.0 recommended)",
+                                       default=1.0),
+    verbose: bool = Input(description="verbose output (progress bars)", default=True),
+    checkpointing_steps: int = Input(description="Steps between resumable checkpoints and validation samples "
+                                     "(a very high number disables them)", default=999999),
+    input_images_filetype: str = Input(description="Filetype of input_images: zip, tar, or infer (the content "
+                                       "decides)", default="infer", choices=["zip", "tar", "infer"]),
+    # ---- options beyond replicate/cog-sdxl
+    ti_frac: float = Input(description="Fraction of the steps during which the new-token embeddings train (pivotal "
+                           "tuning); afterwards only the UNet trains", default=0.5, ge=0.0, le=1.0),
+    num_new_tokens: int = Input(description="New tokens per trigger word (<s0><s1>…)", default=2, ge=1),
+    token_init_word: Optional[str] = Input(description="Initialise the new tokens from this word's embedding "
+                                           "instead of random rows", default=None),
+    lora_alpha: Optional[float] = Input(description="LoRA alpha (scale alpha/rank); empty: equal to lora_rank",
+                                        default=None),
+    lora_dropout: float = Input(description="Dropout inside the LoRA layers", default=0.0, ge=0.0, le=1.0),
+    lora_target_modules: str = Input(description="Comma-separated UNet module names the LoRA adapts",
+                                     default=",".join(DEFAULT_LORA_TARGETS)),
+    use_dora: bool = Input(description="Weight-decomposed LoRA (DoRA)", default=False),
+    optimizer: str = Input(description="adamw; prodigy (learning rates are found automatically); adamw8bit (CUDA "
+                           "with bitsandbytes)", default="adamw", choices=list(OPTIMIZERS)),
+    gradient_accumulation_steps: int = Input(description="Micro-batches per optimizer step", default=1, ge=1),
+    max_grad_norm: float = Input(description="Gradient clipping norm (0: no clipping)", default=1.0, ge=0.0),
+    min_snr_gamma: Optional[float] = Input(description="Min-SNR loss weighting gamma (5 is common); empty: off",
+                                           default=None),
+    noise_offset: float = Input(description="Noise offset (0.05-0.1 helps very dark/bright images)", default=0.0,
+                                ge=0.0),
+    pyramid_noise_iterations: int = Input(description="Multi-resolution noise levels (0: off)", default=0, ge=0),
+    caption_dropout: float = Input(description="Probability of training a step on the empty caption", default=0.0,
+                                   ge=0.0, le=1.0),
+    caption_shuffle: bool = Input(description="Shuffle comma-separated caption tags (keeping the first keep_tokens)",
+                                  default=False),
+    keep_tokens: int = Input(description="Leading caption tags kept in place by caption_shuffle", default=1, ge=0),
+    flip_augmentation: bool = Input(description="Randomly mirror images horizontally", default=False),
+    class_images: Optional[Path] = Input(description="Prior preservation: .zip/.tar of class images", default=None),
+    class_prompt: Optional[str] = Input(description="Prior preservation: prompt of the class (e.g. 'a photo of a "
+                                        "dog'); enables prior preservation", default=None),
+    num_class_images: int = Input(description="Prior preservation: generate class images with the base model until "
+                                  "there are this many", default=0, ge=0),
+    prior_loss_weight: float = Input(description="Prior preservation: weight of the class-image loss", default=1.0,
+                                     ge=0.0),
+    use_bucketing: bool = Input(description="Keep aspect ratios (SDXL buckets) instead of square crops",
+                                default=False),
+    captioning_model: str = Input(description="Captioning model for images without captions (empty: "
+                                  "caption_prefix only)", default=DEFAULT_CAPTIONER),
+    gradient_checkpointing: bool = Input(description="Trade compute for memory", default=False),
+    validation_prompts: str = Input(description="Prompts rendered into samples/ at checkpoints and at the end, "
+                                    "separated by '|' (empty: none)", default="a photo of TOK"),
+    validation_num_inference_steps: int = Input(description="Denoising steps of the validation samples",
+                                                default=25, ge=1),
+) -> TrainingOutput:
+    args = {name: _plain(value) for name, value in locals().items()}
+    work = PlainPath(tempfile.mkdtemp(prefix="cog-sdxl-train-"))
+    seed = args["seed"] if args["seed"] is not None else int.from_bytes(os.urandom(2), "big")
+    settings = TrainingSettings(
+        dataset_dir=work / "dataset",
+        output_dir=work / "trained_model",
+        checkpoint_dir=work / "checkpoints",
+        seed=seed,
+        resolution=args["resolution"],
+        train_batch_size=args["train_batch_size"],
+        num_train_epochs=args["num_train_epochs"],
+        max_train_steps=args["max_train_steps"],
+        gradient_accumulation_steps=args["gradient_accumulation_steps"],
+        max_grad_norm=args["max_grad_norm"] or None,
+        token_string=args["token_string"],
+        num_new_tokens=args["num_new_tokens"],
+        token_init_word=args["token_init_word"],
+        caption_prefix=args["caption_prefix"],
+        ti_frac=args["ti_frac"],
+        ti_lr=args["ti_lr"],
+        is_lora=args["is_lora"],
+        lora_lr=args["lora_lr"],
+        unet_learning_rate=args["unet_learning_rate"],
+        lora_rank=args["lora_rank"],
+        lora_alpha=args["lora_alpha"],
+        lora_dropout=args["lora_dropout"],
+        lora_target_modules=tuple(m.strip() for m in args["lora_target_modules"].split(",") if m.strip()),
+        use_dora=args["use_dora"],
+        gradient_checkpointing=args["gradient_checkpointing"],
+        optimizer=args["optimizer"],
+        lr_scheduler=args["lr_scheduler"],
+        lr_warmup_steps=args["lr_warmup_steps"],
+        min_snr_gamma=args["min_snr_gamma"],
+        noise_offset=args["noise_offset"],
+        pyramid_noise_iterations=args["pyramid_noise_iterations"],
+        caption_dropout=args["caption_dropout"],
+        caption_shuffle=args["caption_shuffle"],
+        keep_tokens=args["keep_tokens"],
+        flip_augmentation=args["flip_augmentation"],
+        class_data_dir=work / "class_images" if args["class_prompt"] else None,
+        class_prompt=args["class_prompt"],
+        prior_loss_weight=args["prior_loss_weight"],
+        num_class_images=args["num_class_images"],
+        checkpointing_steps=args["checkpointing_steps"],
+        validation_prompts=tuple(p.strip() for p in args["validation_prompts"].split("|") if p.strip()),
+        validation_num_inference_steps=args["validation_num_inference_steps"],
+        show_progress=args["verbose"],
+    )
+    settings.validate()  # cheap checks before the (slow) preprocessing
+    preprocess.preprocess(PlainPath(args["input_images"]), settings.dataset_dir, _preprocess_settings(args))
+    if settings.class_data_dir is not None:
+        _unpack_class_images(args["class_images"], settings.class_data_dir, args["input_images_filetype"])
+    result = train_model(settings)
+    tar_path = export.pack_tar(result.output_dir, work / "trained_model.tar")
+    for leftover in (settings.dataset_dir, settings.output_dir, settings.checkpoint_dir, settings.class_data_dir):
+        if leftover is not None:
+            shutil.rmtree(leftover, ignore_errors=True)
+    return TrainingOutput(weights=Path(tar_path))
+
+
+def _plain(value):
+    """An argument's value; for a parameter left out in a plain-Python call, its ``Input`` default."""
+    return value.default if isinstance(value, FieldInfo) else value
+
+
+def _preprocess_settings(args: dict) -> preprocess.PreprocessSettings:
+    return preprocess.PreprocessSettings(
+        resolution=args["resolution"],
+        token_string=parse_token_string(args["token_string"])[0].word,  # preprocess keeps one trigger word's case
+        caption_prefix=args["caption_prefix"],
+        captioning_model=args["captioning_model"] or None,
+        use_face_detection_instead=args["use_face_detection_instead"],
+        mask_target_prompts=args["mask_target_prompts"],
+        clipseg_temperature=args["clipseg_temperature"],
+        crop_based_on_salience=args["crop_based_on_salience"],
+        use_bucketing=args["use_bucketing"],
+        input_images_filetype=args["input_images_filetype"],
+    )
+
+
+def _unpack_class_images(class_images: PlainPath | None, folder: PlainPath, filetype: str) -> None:
+    """The uploaded class images (archive or folder) into ``folder``; without an upload an empty folder, which the
+    trainer fills with generated images."""
+    if class_images is None:
+        folder.mkdir(parents=True, exist_ok=True)
+    elif PlainPath(class_images).is_dir():
+        shutil.copytree(class_images, folder)
+    else:
+        safe_extract(PlainPath(class_images), folder, preprocess.PHOTO_ARCHIVE_LIMITS, declared=filetype)
