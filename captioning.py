@@ -17,7 +17,6 @@ from image_loading import CAPTION_SUFFIXES, CAPTION_TABLE_NAMES
 logger = logging.getLogger(__name__)
 
 DEFAULT_CAPTIONER = "Salesforce/blip-image-captioning-large"
-CAPTION_MAX_NEW_TOKENS = 40
 
 
 class CaptionTableError(ValueError):
@@ -90,27 +89,28 @@ def restore_trigger_words(text: str, trigger_words: tuple[str, ...]) -> str:
 class Captioner:
     """An image-to-text model loaded by id or folder through transformers' BLIP classes."""
 
-    def __init__(self, model_id: str, device: torch.device) -> None:
+    def __init__(self, model_id: str, device: torch.device, max_new_tokens: int) -> None:
         from transformers import BlipForConditionalGeneration, BlipProcessor
 
         self.processor = BlipProcessor.from_pretrained(model_id)
         self.model = BlipForConditionalGeneration.from_pretrained(model_id).to(device).eval()
         self.device = device
+        self.max_new_tokens = max_new_tokens
 
     @torch.inference_mode()
     def caption(self, images: list[Image.Image]) -> list[str]:
         inputs = self.processor(images=images, return_tensors="pt").to(self.device)
-        generated = self.model.generate(**inputs, max_new_tokens=CAPTION_MAX_NEW_TOKENS)
+        generated = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens)
         return [" ".join(text.split()) for text in self.processor.batch_decode(generated, skip_special_tokens=True)]
 
 
-def load_captioner(model_id: str | None, device: torch.device) -> Captioner | None:
+def load_captioner(model_id: str | None, device: torch.device, max_new_tokens: int) -> Captioner | None:
     """The captioner, or None (with a warning) when none is configured or it cannot be loaded."""
     if model_id is None:
         logger.warning("no captioning model configured: images without a caption get the caption prefix alone")
         return None
     try:
-        return Captioner(model_id, device)
+        return Captioner(model_id, device, max_new_tokens)
     except (OSError, ValueError) as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         logger.warning("captioning model %s is not available (%s): images without a caption get the caption "
@@ -123,7 +123,7 @@ def automatic_captions(captioner: Captioner | None, images: dict[str, Path], pre
     """`prefix` + the model's caption for each image (keys are the caller's names), or `prefix` alone without a
     captioner."""
     if captioner is None:
-        return {name: prefix.strip() for name in images}
+        return {name: prefix.strip().rstrip(",;:").strip() for name in images}
     names = list(images)
     captions: dict[str, str] = {}
     batches = range(0, len(names), batch_size)

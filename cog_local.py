@@ -16,6 +16,7 @@ import argparse
 import importlib
 import inspect
 import json
+import os
 import pathlib
 import shutil
 import sys
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:  # the model's own one-line refusal of bad input (archive, weights, ...)
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    if os.environ.get("RANK", "0") != "0":
+        return 0  # under `accelerate launch` only the main process saves and reports the outputs
     for line in save_outputs(result, args.output_dir):
         print(line)
     return 0

@@ -113,7 +113,7 @@ def _check_embeddings(embeddings: dict[str, Tensor], special_params: dict[str, s
     if any(len(s) != 2 for s in shapes.values()) or shapes["clip_l"][0] != shapes["clip_g"][0]:
         raise ExportError(f"embeddings clip_l and clip_g must be [n, width] with the same n, got {shapes}")
     if not special_params:
-        raise ExportError("special_params is empty; it must map each trigger word to its tokens, e.g. {'TOK': '<s0><s1>'}")
+        raise ExportError("special_params is empty; map each trigger word to its tokens, e.g. {'TOK': '<s0><s1>'}")
     used = []
     for trigger, tokens in special_params.items():
         try:
@@ -323,8 +323,10 @@ pipe = StableDiffusionXLPipeline.from_pretrained("{self.base_model}", torch_dtyp
 {load_unet}
 embeddings = load_file(f"{{folder}}/{EMBEDDINGS_FILE}")
 tokens = {self._tokens!r}
-pipe.load_textual_inversion(embeddings["clip_l"], token=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
-pipe.load_textual_inversion(embeddings["clip_g"], token=tokens, text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
+pipe.load_textual_inversion(embeddings["clip_l"], token=tokens,
+                            text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+pipe.load_textual_inversion(embeddings["clip_g"], token=tokens,
+                            text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)
 
 image = pipe("a photo of {tokens}", num_inference_steps=30).images[0]
 image.save("out.png")

@@ -61,14 +61,17 @@ class UNetLayout:
         counts = tuple(per_block) if isinstance(per_block, (list, tuple)) else (int(per_block),) * len(down_types)
         return cls(counts, tuple("CrossAttn" in t for t in get("up_block_types")))
 
-    def _down_first_index(self, block: int) -> int:
+    def first_input_block(self, block: int) -> int:
+        """SGM ``input_blocks`` index of down block ``block``'s first layer."""
         return 1 + sum(n + 1 for n in self.layers_per_block[:block])
 
-    def _up_layer_counts(self) -> list[int]:
+    def up_layer_counts(self) -> list[int]:
+        """Layers per up block (one more than the mirrored down block)."""
         return [n + 1 for n in reversed(self.layers_per_block)]
 
-    def _up_first_index(self, block: int) -> int:
-        return sum(self._up_layer_counts()[:block])
+    def first_output_block(self, block: int) -> int:
+        """SGM ``output_blocks`` index of up block ``block``'s first layer."""
+        return sum(self.up_layer_counts()[:block])
 
 
 SDXL_UNET_LAYOUT = UNetLayout(layers_per_block=(2, 2, 2), up_block_has_attention=(True, True, False))
@@ -97,7 +100,8 @@ _SGM_TO_RESNET = {v: k for k, v in _RESNET_TO_SGM.items()}
 _MID_TO_SGM = {"resnets.0": "0", "attentions.0": "1", "resnets.1": "2"}
 _SGM_TO_MID = {v: k for k, v in _MID_TO_SGM.items()}
 
-_BLOCK_RE = re.compile(r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.(.+))?$")
+_BLOCK_RE = re.compile(
+    r"^(down_blocks|up_blocks)\.(\d+)\.(resnets|attentions|downsamplers|upsamplers)\.(\d+)(?:\.(.+))?$")
 _MID_RE = re.compile(r"^mid_block\.(resnets\.\d+|attentions\.\d+)(?:\.(.+))?$")
 _SGM_BLOCK_RE = re.compile(r"^(input_blocks|output_blocks)\.(\d+)\.(\d+)(?:\.(.+))?$")
 _SGM_MID_RE = re.compile(r"^middle_block\.(\d+)(?:\.(.+))?$")
@@ -122,8 +126,9 @@ def _join(*parts: str | None) -> str:
 
 
 def diffusers_module_to_sgm(name: str, layout: UNetLayout = SDXL_UNET_LAYOUT) -> str:
-    """``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` → ``input_blocks.4.1.transformer_blocks.0.attn1.to_q``
-    (SDXL layout)."""
+    """The SGM UNet path of a diffusers UNet module, e.g. (SDXL)
+    ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` →
+    ``input_blocks.4.1.transformer_blocks.0.attn1.to_q``."""
     for top, sgm in _DIFFUSERS_TO_SGM_TOP.items():
         if name == top or name.startswith(top + "."):
             return sgm + name[len(top):]
@@ -145,14 +150,14 @@ def diffusers_module_to_sgm(name: str, layout: UNetLayout = SDXL_UNET_LAYOUT) ->
     if kind == "resnets":
         inner = _resnet_inner_to_sgm(inner, name) if inner else inner
     if blocks == "down_blocks":
-        first = layout._down_first_index(block)
+        first = layout.first_input_block(block)
         if kind == "downsamplers":
             inner = "op" + inner[len("conv"):] if inner and inner.startswith("conv") else inner
             return _join("input_blocks", str(first + layout.layers_per_block[block]), "0", inner)
         return _join("input_blocks", str(first + layer), "0" if kind == "resnets" else "1", inner)
-    first = layout._up_first_index(block)
+    first = layout.first_output_block(block)
     if kind == "upsamplers":
-        last = first + layout._up_layer_counts()[block] - 1
+        last = first + layout.up_layer_counts()[block] - 1
         return _join("output_blocks", str(last), "2" if layout.up_block_has_attention[block] else "1", inner)
     return _join("output_blocks", str(first + layer), "0" if kind == "resnets" else "1", inner)
 
@@ -182,7 +187,7 @@ def sgm_module_to_diffusers(name: str, layout: UNetLayout = SDXL_UNET_LAYOUT) ->
 
 def _sgm_input_to_diffusers(index: int, sub: int, inner: str | None, name: str, layout: UNetLayout) -> str:
     for block, count in enumerate(layout.layers_per_block):
-        first = layout._down_first_index(block)
+        first = layout.first_input_block(block)
         if first <= index < first + count:
             layer = index - first
             if sub == 0:
@@ -197,8 +202,8 @@ def _sgm_input_to_diffusers(index: int, sub: int, inner: str | None, name: str, 
 
 
 def _sgm_output_to_diffusers(index: int, sub: int, inner: str | None, name: str, layout: UNetLayout) -> str:
-    for block, count in enumerate(layout._up_layer_counts()):
-        first = layout._up_first_index(block)
+    for block, count in enumerate(layout.up_layer_counts()):
+        first = layout.first_output_block(block)
         if not first <= index < first + count:
             continue
         upsampler_sub = 2 if layout.up_block_has_attention[block] else 1
@@ -245,7 +250,9 @@ def _underscored_to_dotted(flat: str) -> str:
 
 
 def kohya_layer_name(diffusers_module: str, layout: UNetLayout = SDXL_UNET_LAYOUT) -> str:
-    """``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` → ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``."""
+    """The kohya layer name of a diffusers UNet module, e.g. (SDXL)
+    ``down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`` →
+    ``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``."""
     return KOHYA_PREFIX + diffusers_module_to_sgm(diffusers_module, layout).replace(".", "_")
 
 
@@ -328,7 +335,8 @@ def peft_to_kohya(lora: PeftLora, layout: UNetLayout = SDXL_UNET_LAYOUT) -> dict
         out[layer + _KOHYA_ALPHA] = torch.tensor(lora.alphas[module], dtype=torch.float32)
         if module + _PEFT_MAGNITUDE in lora.state:
             out_features = lora.state[module + _PEFT_B].shape[0]
-            out[layer + _KOHYA_DORA] = lora.state[module + _PEFT_MAGNITUDE].reshape(_dora_scale_shape(out_features, lora_a))
+            magnitude = lora.state[module + _PEFT_MAGNITUDE]
+            out[layer + _KOHYA_DORA] = magnitude.reshape(_dora_scale_shape(out_features, lora_a))
     return out
 
 
@@ -351,7 +359,8 @@ def kohya_to_peft(state: dict[str, Tensor], layout: UNetLayout = SDXL_UNET_LAYOU
         alphas[module] = float(alpha.item()) if alpha is not None else float(lora_a.shape[0])
         if layer + _KOHYA_DORA in state:
             out_features = peft_state[module + _PEFT_B].shape[0]
-            peft_state[module + _PEFT_MAGNITUDE] = state[layer + _KOHYA_DORA].reshape(_magnitude_shape(out_features, lora_a))
+            dora_scale = state[layer + _KOHYA_DORA]
+            peft_state[module + _PEFT_MAGNITUDE] = dora_scale.reshape(_magnitude_shape(out_features, lora_a))
     return PeftLora(peft_state, alphas)
 
 
@@ -461,10 +470,13 @@ def split_embeddings_by_trigger(embeddings: dict[str, Tensor], special_params: d
     out = {}
     n_rows = {name: t.shape[0] for name, t in embeddings.items()}
     for trigger, tokens in special_params.items():
+        if "." in trigger:
+            raise LoraFormatError(f"trigger word {trigger!r} cannot be bundled: A1111 splits bundle_emb keys at dots")
         rows = token_indices(tokens)
         for name, table in embeddings.items():
             if max(rows) >= n_rows[name]:
-                raise LoraFormatError(f"trigger {trigger!r} uses token <s{max(rows)}> but {name} has {n_rows[name]} rows")
+                raise LoraFormatError(
+                    f"trigger {trigger!r} uses token <s{max(rows)}> but {name} has {n_rows[name]} rows")
             out[f"{BUNDLE_EMB_PREFIX}{trigger}.{name}"] = table[rows].contiguous()
     return out
 

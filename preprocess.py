@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from base_model import pick_runtime
 from captioning import DEFAULT_CAPTIONER, automatic_captions, load_captioner, sidecar_captions, table_captions
 from contact_sheet import SheetEntry, write_contact_sheet
-from cropping import Crop, centre_of, centre_of_mass, crop_around, cut, cut_mask, nearest_bucket, sdxl_buckets
+from cropping import Crop, centre_of, centre_of_mass, crop_around, cut_mask, nearest_bucket, sdxl_buckets
 from image_loading import (
     DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_SUFFIXES,
@@ -32,7 +32,8 @@ from image_loading import (
     note_non_images,
 )
 from masking import ClipSegMasker, FaceMasker
-from safe_archive import ExtractionLimits, safe_extract
+from upscaling import SuperResolution, render_crop
+from safe_archive import DECLARED_TYPES, ExtractionLimits, safe_extract
 
 logger = logging.getLogger(__name__)
 
@@ -56,12 +57,14 @@ class PreprocessSettings:
     token_string: str = "TOK"  # trigger word; kept in this exact case in every caption
     caption_prefix: str = "a photo of TOK, "
     captioning_model: str | None = DEFAULT_CAPTIONER  # model id or folder; None: no automatic captions
+    caption_max_tokens: int = 40
     use_face_detection_instead: bool = False
     mask_target_prompts: str | None = None  # CLIPSeg prompt, e.g. "a photo of a dog"
     clipseg_model: str = DEFAULT_CLIPSEG
     clipseg_temperature: float = 1.0
     crop_based_on_salience: bool = True  # centre crops on the face / mask instead of the image's middle
     use_bucketing: bool = False  # keep aspect ratios: nearest SDXL bucket instead of square crops
+    upscaler_model: str | None = None  # Swin2SR id or folder for photos smaller than the target; None: Lanczos only
     input_images_filetype: str = "infer"  # cog-sdxl's "zip" | "tar" | "infer"; the content decides
     mask_floor: float = 0.1  # weight of pixels outside the face/prompted region
     detection_max_side: int = 1024  # photos are downscaled to this before face detection
@@ -77,6 +80,12 @@ class PreprocessSettings:
             raise PreprocessError(f"mask_floor must be between 0 and 1, got {self.mask_floor}")
         if self.clipseg_temperature <= 0:
             raise PreprocessError(f"clipseg_temperature must be positive, got {self.clipseg_temperature}")
+        if self.caption_max_tokens < 1 or self.caption_batch_size < 1:
+            raise PreprocessError(f"caption_max_tokens and caption_batch_size must be at least 1, got "
+                                  f"{self.caption_max_tokens} and {self.caption_batch_size}")
+        if self.input_images_filetype not in DECLARED_TYPES:
+            raise PreprocessError(f"input_images_filetype must be one of {', '.join(DECLARED_TYPES)}, got "
+                                  f"{self.input_images_filetype!r}")
         if self.detection_max_side < 128:
             raise PreprocessError(f"detection_max_side must be at least 128, got {self.detection_max_side}")
 
@@ -111,23 +120,30 @@ def preprocess(input_images: Path, output_dir: Path, settings: PreprocessSetting
     with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}.preprocess-", dir=output_dir.parent) as work:
         work_dir = Path(work)
         root = upload_root(input_images, work_dir, settings)
-        image_paths, other_paths = list_upload_files(root)
-        note_non_images(root, other_paths)
-        if not image_paths:
-            raise PreprocessError(f"{input_images.name}: no images found (looked for "
-                                  f"{', '.join(sorted(IMAGE_SUFFIXES))} among {len(other_paths)} files)")
         staging = work_dir / "dataset"
-        (staging / "images").mkdir(parents=True)
-        training_images = crop_and_mask(root, image_paths, staging, settings, device)
-        captions = collect_captions(root, training_images, other_paths, staging, settings, device)
-        write_captions_csv(staging / "captions.csv", training_images, captions)
-        write_contact_sheet([sheet_entry(staging, item, captions[item.name]) for item in training_images],
-                            staging / "preview.png")
+        count = build_dataset(input_images.name, root, staging, settings, device)
         if output_dir.exists():
             output_dir.rmdir()
         staging.rename(output_dir)
-    logger.info("dataset of %d images written to %s", len(training_images), output_dir)
+    logger.info("dataset of %d images written to %s", count, output_dir)
     return output_dir
+
+
+def build_dataset(upload_name: str, root: Path, staging: Path, settings: PreprocessSettings,
+                  device: torch.device) -> int:
+    """Write the dataset for the photos under `root` into `staging`; return how many images it holds."""
+    image_paths, other_paths = list_upload_files(root)
+    note_non_images(root, other_paths)
+    if not image_paths:
+        raise PreprocessError(f"{upload_name}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))} "
+                              f"among {len(other_paths)} files)")
+    (staging / "images").mkdir(parents=True)
+    training_images = crop_and_mask(root, image_paths, staging, settings, device)
+    captions = collect_captions(root, training_images, other_paths, staging, settings, device)
+    write_captions_csv(staging / "captions.csv", training_images, captions)
+    write_contact_sheet([sheet_entry(staging, item, captions[item.name]) for item in training_images],
+                        staging / "preview.png")
+    return len(training_images)
 
 
 def upload_root(input_images: Path, work_dir: Path, settings: PreprocessSettings) -> Path:
@@ -138,8 +154,8 @@ def upload_root(input_images: Path, work_dir: Path, settings: PreprocessSettings
     return root
 
 
-class MaskSource:
-    """The mask and crop focus for each photo, from the source the settings name; models load on first use, so a
+class PhotoModels:
+    """The mask source the settings name and the optional super-resolution model. Models load on first use, so a
     run whose photos are all unusable fails before any model loads."""
 
     def __init__(self, settings: PreprocessSettings, device: torch.device, stack: ExitStack) -> None:
@@ -148,6 +164,7 @@ class MaskSource:
         self.stack = stack
         self.face_masker: FaceMasker | None = None
         self.clipseg: ClipSegMasker | None = None
+        self.upscaler: SuperResolution | None = None
 
     def mask_and_focus(self, photo: Photo, notes: list[str]) -> tuple[Image.Image | None, tuple[float, float]]:
         size = photo.image.size
@@ -180,6 +197,17 @@ class MaskSource:
                                       f"({str(error).strip().splitlines()[0]})") from None
         return self.clipseg
 
+    def super_resolution(self) -> SuperResolution | None:
+        if self.settings.upscaler_model is None:
+            return None
+        if self.upscaler is None:
+            try:
+                self.upscaler = SuperResolution(self.settings.upscaler_model, self.device)
+            except OSError as error:
+                raise PreprocessError(f"super-resolution model {self.settings.upscaler_model} cannot be loaded "
+                                      f"({str(error).strip().splitlines()[0]})") from None
+        return self.upscaler
+
 
 def crop_and_mask(root: Path, image_paths: list[Path], staging: Path, settings: PreprocessSettings,
                   device: torch.device) -> list[TrainingImage]:
@@ -192,7 +220,7 @@ def crop_and_mask(root: Path, image_paths: list[Path], staging: Path, settings: 
     done: list[TrainingImage] = []
     unusable: list[str] = []
     with ExitStack() as stack:
-        masks = MaskSource(settings, device, stack)
+        models = PhotoModels(settings, device, stack)
         for path in tqdm(image_paths, desc="preprocessing", unit="image"):
             name = path.relative_to(root).as_posix()
             try:
@@ -203,7 +231,7 @@ def crop_and_mask(root: Path, image_paths: list[Path], staging: Path, settings: 
                 logger.warning("skipping %s", error)
                 unusable.append(str(error))
                 continue
-            done.append(crop_one(photo, path, len(done), staging, settings, buckets, masks))
+            done.append(crop_one(photo, path, len(done), staging, settings, buckets, models))
     if not done:
         reasons = "; ".join(unusable[:MAX_REASONS_IN_ERROR])
         raise PreprocessError(f"none of the {len(image_paths)} images could be used: {reasons}")
@@ -213,19 +241,21 @@ def crop_and_mask(root: Path, image_paths: list[Path], staging: Path, settings: 
 
 
 def crop_one(photo: Photo, source: Path, index: int, staging: Path, settings: PreprocessSettings,
-             buckets: list[tuple[int, int]], masks: MaskSource) -> TrainingImage:
+             buckets: list[tuple[int, int]], models: PhotoModels) -> TrainingImage:
     notes: list[str] = []
-    mask, focus = masks.mask_and_focus(photo, notes)
+    mask, focus = models.mask_and_focus(photo, notes)
     size = photo.image.size
     target = nearest_bucket(size, buckets) if buckets else (settings.resolution, settings.resolution)
     crop = crop_around(size, target, focus if settings.crop_based_on_salience else centre_of(size))
     if buckets:
         notes.append(f"bucket {target[0]}x{target[1]}")
+    super_resolution = models.super_resolution() if crop.upscaled else None
     if crop.upscaled:
-        notes.append(f"upscaled from {crop.width}x{crop.height}")
+        method = "super-resolution" if super_resolution else "Lanczos"
+        notes.append(f"upscaled from {crop.width}x{crop.height} ({method})")
     stem = f"{index:04d}-{safe_stem(source.stem)}"
     image_file = f"images/{stem}.png"
-    cut(photo.image, crop).save(staging / image_file, compress_level=PNG_COMPRESS_LEVEL)
+    render_crop(photo.image, crop, super_resolution).save(staging / image_file, compress_level=PNG_COMPRESS_LEVEL)
     mask_file = None
     if mask is not None:
         mask_file = f"masks/{stem}.png"
@@ -256,7 +286,7 @@ def collect_captions(root: Path, items: list[TrainingImage], other_paths: list[P
                            settings.token_string)
     missing = {item.name: staging / item.image_file for item in items if item.name not in captions}
     if missing:
-        captioner = load_captioner(settings.captioning_model, device)
+        captioner = load_captioner(settings.captioning_model, device, settings.caption_max_tokens)
         captions.update(automatic_captions(captioner, missing, settings.caption_prefix, (settings.token_string,),
                                            settings.caption_batch_size))
     return captions

@@ -127,6 +127,11 @@ def safe_member_path(name: str) -> PurePosixPath:
     return PurePosixPath(*parts)
 
 
+def _is_top_folder(name: str) -> bool:
+    """`.` or `./`: the folder entry `tar -C photos -cf photos.tar .` starts with."""
+    return name.replace("\\", "/").rstrip("/") in (".", "")
+
+
 class _Extractor:
     """Shared bookkeeping: member count, byte budgets, ratio checks and writing streamed data."""
 
@@ -219,8 +224,10 @@ class _ZipExtractor(_Extractor):
     def extract_member(self, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> None:
         name = info.filename
         self.count_member(name)
-        rel = safe_member_path(name)
         kind = _zip_member_kind(info)
+        if kind == "dir" and _is_top_folder(name):
+            return
+        rel = safe_member_path(name)
         if kind == "dir":
             self.make_dir(name, rel)
             return
@@ -265,6 +272,8 @@ class _TarExtractor(_Extractor):
     def extract_member(self, tar: tarfile.TarFile, member: tarfile.TarInfo) -> None:
         name = member.name
         self.count_member(name)
+        if member.isdir() and _is_top_folder(name):
+            return
         rel = safe_member_path(name)
         if member.isdir():
             self.make_dir(name, rel)

@@ -48,6 +48,7 @@ class PhaseTimer(StepHooks):
     device: torch.device
     records: list[StepRecord] = field(default_factory=list)
     first_step_started: float | None = None  # time.perf_counter() when the first phase of the first step began
+    first_step_cpu: float = 0.0  # time.process_time() at the same moment
     _current: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     _last_step_end: float | None = None
     _last_step_cpu: float = 0.0
@@ -62,7 +63,7 @@ class PhaseTimer(StepHooks):
         start = time.perf_counter()
         if self.first_step_started is None:
             self.first_step_started = self._last_step_end = start
-            self._last_step_cpu = time.process_time()
+            self.first_step_cpu = self._last_step_cpu = time.process_time()
         try:
             yield
         finally:

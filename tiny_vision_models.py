@@ -1,4 +1,4 @@
-"""Tiny randomly initialised BLIP captioner and CLIPSeg segmenter, built offline from a seed.
+"""Tiny randomly initialised BLIP captioner, CLIPSeg segmenter and Swin2SR upscaler, built offline from a seed.
 
 They are the real transformers classes with real processors and tokenizers, saved in `save_pretrained` layout, so the
 production loading code (`from_pretrained(model_id_or_dir)`) and generation run on them in tests and benchmarks.
@@ -21,6 +21,9 @@ from transformers import (
     CLIPSegForImageSegmentation,
     CLIPSegProcessor,
     CLIPTokenizer,
+    Swin2SRConfig,
+    Swin2SRForImageSuperResolution,
+    Swin2SRImageProcessor,
     ViTImageProcessor,
 )
 
@@ -95,6 +98,15 @@ def build_tiny_clipseg(folder: Path, seed: int = TINY_VISION_SEED) -> None:
     processor.save_pretrained(folder)
 
 
+def build_tiny_swin2sr(folder: Path, seed: int = TINY_VISION_SEED) -> None:
+    """A x2 Swin2SR super-resolution model."""
+    config = Swin2SRConfig(image_size=16, embed_dim=16, depths=(1,), num_heads=(2,), window_size=4, mlp_ratio=2.0,
+                           upscale=2)
+    torch.manual_seed(seed)
+    Swin2SRForImageSuperResolution(config).eval().save_pretrained(folder)
+    Swin2SRImageProcessor(pad_size=config.window_size).save_pretrained(folder)
+
+
 def ensure_tiny_blip(seed: int = TINY_VISION_SEED) -> Path:
     """Folder of the tiny BLIP captioner, built on first use and cached like the tiny SDXL."""
     return cached_build(f"tiny-blip-{seed}", lambda folder: build_tiny_blip(folder, seed))
@@ -103,3 +115,8 @@ def ensure_tiny_blip(seed: int = TINY_VISION_SEED) -> Path:
 def ensure_tiny_clipseg(seed: int = TINY_VISION_SEED) -> Path:
     """Folder of the tiny CLIPSeg segmenter, built on first use and cached like the tiny SDXL."""
     return cached_build(f"tiny-clipseg-{seed}", lambda folder: build_tiny_clipseg(folder, seed))
+
+
+def ensure_tiny_swin2sr(seed: int = TINY_VISION_SEED) -> Path:
+    """Folder of the tiny Swin2SR upscaler, built on first use and cached like the tiny SDXL."""
+    return cached_build(f"tiny-swin2sr-{seed}", lambda folder: build_tiny_swin2sr(folder, seed))

@@ -23,7 +23,7 @@ from conftest import ROOT
 
 SETUP_TIMEOUT_S = 300
 TRAIN_INPUTS = {"token_string": "TOK", "caption_prefix": "a photo of TOK", "resolution": 64, "max_train_steps": 2,
-                "train_batch_size": 1, "seed": 0}
+                "train_batch_size": 1, "seed": 0, "validation_num_inference_steps": 2}
 PREDICT_INPUTS = {"prompt": "a photo of TOK", "width": 64, "height": 64, "num_inference_steps": 2, "seed": 7,
                   "output_format": "png"}
 ARTIFACT_FILES = {"pytorch_lora_weights.safetensors", "embeddings.safetensors", "special_params.json",

@@ -19,7 +19,10 @@ from dataset_and_utils import (
     replace_trigger_words,
     special_params,
 )
-from training_fixtures import SIZE, write_dataset_folder, write_plain_folder
+from training_fixtures import SIZE, single_torch_thread, write_dataset_folder, write_plain_folder
+
+
+one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +224,7 @@ def test_cached_dataset_holds_latents_masks_and_time_ids_per_item(pipe, tmp_path
     batch = cached.batch([1, 0, 1], [False, False, True])
     assert batch["latents"].shape == (3, 4, latent, latent)
     assert torch.equal(batch["latents"][2], item.flipped_latents)
-    assert batch["captions"] == ["<s0><s1> in TOKYO", "<s0><s1>", "<s0><s1> in TOKYO"]
+    assert batch["captions"] == ["<s0><s1> in TOKYO", "a photo of <s0><s1>", "<s0><s1> in TOKYO"]
 
 
 def test_plain_images_are_resized_to_the_resolution(pipe, tmp_path):

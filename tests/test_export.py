@@ -45,6 +45,16 @@ def train_fake_adapter(pipe, name: str, use_dora: bool) -> dict[str, torch.Tenso
     return get_peft_model_state_dict(pipe.unet, adapter_name=name)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine thread contention makes each small op
+    several times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pipe():
     return load_sdxl_pipeline("tiny", pick_runtime("fp32", "cpu"))
@@ -139,7 +149,8 @@ def test_kohya_file_metadata(exported):
 def test_embeddings_load_with_textual_inversion_together_with_the_lora(pipe, exported, embeddings):
     emb = load_file(exported["out"] / "embeddings.safetensors")
     assert all(torch.equal(emb[k], embeddings[k]) for k in ("clip_l", "clip_g"))
-    encoders = ((emb["clip_l"], pipe.text_encoder, pipe.tokenizer), (emb["clip_g"], pipe.text_encoder_2, pipe.tokenizer_2))
+    encoders = ((emb["clip_l"], pipe.text_encoder, pipe.tokenizer),
+                (emb["clip_g"], pipe.text_encoder_2, pipe.tokenizer_2))
     for table, encoder, tokenizer in encoders:
         pipe.load_textual_inversion(table, token=TOKENS, text_encoder=encoder, tokenizer=tokenizer)
     try:

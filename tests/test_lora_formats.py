@@ -30,7 +30,8 @@ KNOWN_SDXL_NAMES = {
     "mid_block.attentions.0.transformer_blocks.3.attn2.to_k": "middle_block_1_transformer_blocks_3_attn2_to_k",
     "up_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q": "output_blocks_0_1_transformer_blocks_0_attn1_to_q",
     "up_blocks.0.attentions.2.proj_in": "output_blocks_2_1_proj_in",
-    "up_blocks.1.attentions.2.transformer_blocks.1.ff.net.0.proj": "output_blocks_5_1_transformer_blocks_1_ff_net_0_proj",
+    "up_blocks.1.attentions.2.transformer_blocks.1.ff.net.0.proj":
+        "output_blocks_5_1_transformer_blocks_1_ff_net_0_proj",
     "up_blocks.1.attentions.0.transformer_blocks.0.ff.net.2": "output_blocks_3_1_transformer_blocks_0_ff_net_2",
     "down_blocks.0.resnets.1.conv1": "input_blocks_2_0_in_layers_2",
     "down_blocks.1.resnets.0.conv_shortcut": "input_blocks_4_0_skip_connection",

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from predict import Predictor
+from weights_fixtures import one_torch_thread  # noqa: F401  (autouse fixture)
 from weights_fixtures import WeightsServer, tiny_unet, write_cog_sdxl_tar, write_trained_tar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ FRESH_PROCESS = textwrap.dedent("""
     import inspect, json, sys
     import numpy as np, torch
     from PIL import Image
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # as the one_torch_thread fixture: same thread count, same bits
     sys.path.insert(0, {root!r})
     from predict import Predictor
     weights, args, out = sys.argv[1] or None, json.loads(sys.argv[2]), sys.argv[3]
@@ -41,16 +41,6 @@ FRESH_PROCESS = textwrap.dedent("""
     paths = predictor.predict(**{{**defaults, **args}})
     np.save(out, np.array(Image.open(paths[0])))
 """)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Two cores shared by many processes: one thread per process is much faster than oversubscribing (and the
-    fresh-process references below use the same thread count, so results are comparable bit for bit)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

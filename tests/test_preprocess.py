@@ -14,7 +14,7 @@ from skimage import data
 from captioning import restore_trigger_words
 from conftest import SHARED_DATASETS
 from preprocess import PreprocessError, PreprocessSettings, preprocess
-from tiny_vision_models import ensure_tiny_blip, ensure_tiny_clipseg
+from tiny_vision_models import ensure_tiny_blip, ensure_tiny_clipseg, ensure_tiny_swin2sr
 
 # The astronaut's face in skimage's 512x512 photo (left, top, right, bottom), read off the image by eye.
 ASTRONAUT_FACE = (180, 70, 275, 175)
@@ -122,7 +122,7 @@ def test_caption_precedence_and_mismatches_reported_by_name(tmp_path: Path, capl
     out = preprocess(upload, tmp_path / "ds", settings(caption_prefix="a photo of TOK, "))
     captions = {Path(row["image_file"]).stem.split("-", 1)[1]: row["caption"] for row in read_rows(out)}
     assert captions == {"a": "TOK in red, from the sidecar", "b": "TOK in green", "c": "TOK in blue",
-                        "d": "a photo of TOK,"}
+                        "d": "a photo of TOK"}
     assert "caption.csv: caption for ghost.png, but there is no such image" in caplog.text
     assert "d.png has no caption in caption.csv" in caplog.text
     assert "no captioning model configured" in caplog.text
@@ -135,7 +135,7 @@ def test_tiny_blip_captions_keep_the_trigger_word(tmp_path: Path) -> None:
     Image.fromarray(data.astronaut()).resize((96, 96)).save(upload / "y.jpg")
     prefix = "a photo of TOK, "
     out = preprocess(upload, tmp_path / "ds", settings(captioning_model=str(ensure_tiny_blip()),
-                                                       caption_prefix=prefix))
+                                                       caption_prefix=prefix, caption_max_tokens=12))
     for row in read_rows(out):
         assert row["caption"].startswith(prefix)
         generated = row["caption"][len(prefix):]
@@ -151,7 +151,7 @@ def test_unavailable_captioner_falls_back_to_the_prefix(tmp_path: Path, caplog) 
     save_colour(upload / "x.png", (1, 2, 3))
     caplog.set_level(logging.WARNING)
     out = preprocess(upload, tmp_path / "ds", settings(captioning_model=str(tmp_path / "no-such-model")))
-    assert [row["caption"] for row in read_rows(out)] == ["a photo of TOK,"]
+    assert [row["caption"] for row in read_rows(out)] == ["a photo of TOK"]
     assert "no-such-model is not available" in caplog.text
 
 
@@ -188,8 +188,28 @@ def test_buckets_keep_aspect_ratio_and_small_photos_are_upscaled(tmp_path: Path,
         with Image.open(out / row["image_file"]) as image:
             assert image.size == (int(row["width"]), int(row["height"]))
     assert "wide.png: 600x360" in caplog.text and "bucket 320x192" in caplog.text
-    assert "small.png: 100x100, crop 100x100 at (0, 0) -> 256x256 [bucket 256x256, upscaled from 100x100]" \
+    assert "small.png: 100x100, crop 100x100 at (0, 0) -> 256x256 [bucket 256x256, upscaled from 100x100 (Lanczos)]" \
         in caplog.text
+
+
+def test_small_photos_can_be_upscaled_by_a_super_resolution_model(tmp_path: Path, caplog) -> None:
+    upload = tmp_path / "upload"
+    upload.mkdir()
+    Image.fromarray(data.astronaut()).resize((48, 40)).save(upload / "small.png")
+    Image.fromarray(data.astronaut()).resize((96, 80)).save(upload / "large.png")
+    caplog.set_level(logging.INFO)
+    out = preprocess(upload, tmp_path / "ds", settings(upscaler_model=str(ensure_tiny_swin2sr())))
+    assert "small.png: 48x40, crop 40x40 at (4, 0) -> 64x64 [upscaled from 40x40 (super-resolution)]" in caplog.text
+    [large_line] = [message for message in caplog.messages if message.startswith("large.png:")]
+    assert "upscaled" not in large_line, "photos at least as large as the target are only downscaled"
+    lanczos = preprocess(upload, tmp_path / "ds-lanczos", settings())
+    rows, plain_rows = read_rows(out), read_rows(lanczos)
+    assert [r["crop_left"] for r in rows] == [r["crop_left"] for r in plain_rows]
+    small = [r["image_file"] for r in rows if "small" in r["image_file"]][0]
+    with Image.open(out / small) as image:
+        assert image.size == (64, 64)
+    # the tiny model's weights are random: its output differs from a plain Lanczos resize
+    assert np.abs(pixels(out / small) - pixels(lanczos / small)).mean() > 5
 
 
 def test_output_folder_must_be_new_and_settings_are_checked(tmp_path: Path) -> None:
@@ -203,6 +223,8 @@ def test_output_folder_must_be_new_and_settings_are_checked(tmp_path: Path) -> N
     assert (tmp_path / "taken" / "mine.txt").read_text() == "keep"
     with pytest.raises(PreprocessError, match="resolution must be a positive multiple of 64, got 100"):
         settings(resolution=100)
+    with pytest.raises(PreprocessError, match="input_images_filetype must be one of infer, zip, tar, got 'rar'"):
+        settings(input_images_filetype="rar")
     with pytest.raises(PreprocessError, match="no such file or folder"):
         preprocess(tmp_path / "missing.zip", tmp_path / "ds", settings())
     shutil.rmtree(upload)

@@ -79,6 +79,16 @@ def test_tar_variants_detected_by_content_not_extension(work: Path, mode: str) -
     assert [f.read_bytes() for f in files] == [b"hello"]
 
 
+def test_tar_of_dot_folder_is_extracted(work: Path) -> None:
+    archive = work / "dot.tar"
+    with tarfile.open(archive, "w") as tar:
+        add_tar_special(tar, ".", tarfile.DIRTYPE)
+        add_tar_special(tar, "./sub", tarfile.DIRTYPE)
+        add_tar_file(tar, "./sub/a.txt", b"a")
+    files = safe_extract(archive, work / "out")
+    assert files == [work / "out" / "sub" / "a.txt"]
+
+
 def test_unknown_declared_type_and_non_archive_are_refused(work: Path) -> None:
     archive = make_zip(work / "a.zip", {"x": b"x"})
     with pytest.raises(ArchiveError, match="unknown archive type 'rar'"):

@@ -13,8 +13,10 @@ import pytest
 import torch
 
 import export
+import weights_cache as wc
 import weights_manager as wm
 from lora_formats import UNetLayout
+from weights_fixtures import one_torch_thread  # noqa: F401  (autouse fixture)
 from weights_fixtures import WeightsServer, random_embeddings, random_peft_lora, tiny_unet, write_cog_sdxl_tar, \
     write_trained_tar
 
@@ -33,11 +35,11 @@ def server(tars):
         yield running
 
 
-def settings(tmp_path: Path, **overrides) -> wm.WeightsSettings:
-    return wm.WeightsSettings(cache_dir=tmp_path / "cache", min_free_bytes=0, **overrides)
+def settings(tmp_path: Path, **overrides) -> wc.WeightsSettings:
+    return wc.WeightsSettings(cache_dir=tmp_path / "cache", min_free_bytes=0, **overrides)
 
 
-def leftovers(cache: wm.WeightsCache) -> list[str]:
+def leftovers(cache: wc.WeightsCache) -> list[str]:
     return sorted(p.name for p in cache.root.iterdir())
 
 
@@ -49,10 +51,10 @@ def data_uri(path: Path) -> str:
 
 
 def test_fetch_by_path_data_uri_and_url_gives_same_files_and_url_is_cached(tmp_path, tars, server):
-    cache = wm.WeightsCache(settings(tmp_path))
+    cache = wc.WeightsCache(settings(tmp_path))
     folders = [cache.ensure(str(tars["a"])), cache.ensure(data_uri(tars["a"])), cache.ensure(server.url("files/" + tars["a"].name))]
     for folder in folders:
-        assert (folder / wm.OUR_LORA).read_bytes() == (folders[0] / wm.OUR_LORA).read_bytes()
+        assert (folder / wc.OUR_LORA).read_bytes() == (folders[0] / wc.OUR_LORA).read_bytes()
         assert wm.read_special_params(folder, "x") == {"TOK": "<s0><s1>"}
     hits_before = len(server.requests)
     assert cache.ensure(server.url("files/" + tars["a"].name)) == folders[2]
@@ -61,7 +63,7 @@ def test_fetch_by_path_data_uri_and_url_gives_same_files_and_url_is_cached(tmp_p
 
 
 def test_dropped_connection_resumes_with_range(tmp_path, tars, server):
-    cache = wm.WeightsCache(settings(tmp_path))
+    cache = wc.WeightsCache(settings(tmp_path))
     folder = cache.ensure(server.url("drop/" + tars["b"].name))
     ranges = [rng for path, rng in server.requests if path == "/drop/" + tars["b"].name]
     assert ranges[0] is None and ranges[1] is not None and ranges[1].startswith("bytes=")
@@ -105,8 +107,8 @@ def test_bad_sources_are_one_line_errors_and_leave_nothing(tmp_path, tars, serve
         "bad_data_uri": lambda: "data:application/x-tar;base64,@@@not base64@@@",
         "missing_path": lambda: str(tmp_path / "missing.tar"),
     }
-    cache = wm.WeightsCache(settings(tmp_path))
-    with pytest.raises(wm.WeightsError) as error:
+    cache = wc.WeightsCache(settings(tmp_path))
+    with pytest.raises(wc.WeightsError) as error:
         cache.ensure(sources[case]())
     message = str(error.value)
     assert "\n" not in message and len(message) < 300, message
@@ -114,29 +116,29 @@ def test_bad_sources_are_one_line_errors_and_leave_nothing(tmp_path, tars, serve
 
 
 def test_lru_eviction_keeps_budget_and_never_evicts_pinned(tmp_path, tars):
-    entry_bytes = wm._folder_bytes(wm.WeightsCache(settings(tmp_path / "probe")).ensure(str(tars["a"])))
-    cache = wm.WeightsCache(settings(tmp_path, max_cache_bytes=int(entry_bytes * 2.5)))
+    entry_bytes = wc._folder_bytes(wc.WeightsCache(settings(tmp_path / "probe")).ensure(str(tars["a"])))
+    cache = wc.WeightsCache(settings(tmp_path, max_cache_bytes=int(entry_bytes * 2.5)))
     a, b = cache.ensure(str(tars["a"])), cache.ensure(str(tars["b"]))
     cache.ensure(str(tars["a"]))  # a is now the most recently used
     cache.ensure(str(tars["c"]))
     assert a.is_dir() and not b.is_dir(), "the least recently used entry (b) is evicted"
     assert cache.total_bytes() <= cache.settings.max_cache_bytes
-    cache.pinned.add(wm.cache_key(str(tars["a"])))  # a in use, and least recently used now
+    cache.pinned.add(wc.cache_key(str(tars["a"])))  # a in use, and least recently used now
     cache.ensure(str(tars["b"]))
     assert a.is_dir(), "the pinned entry survives"
     assert cache.total_bytes() <= cache.settings.max_cache_bytes
 
 
 def test_free_disk_floor_refuses_with_one_line(tmp_path, tars):
-    cache = wm.WeightsCache(settings(tmp_path))
-    cache.settings = wm.WeightsSettings(cache_dir=cache.root, min_free_bytes=2**62)
-    with pytest.raises(wm.WeightsError, match="no room"):
+    cache = wc.WeightsCache(settings(tmp_path))
+    cache.settings = wc.WeightsSettings(cache_dir=cache.root, min_free_bytes=2**62)
+    with pytest.raises(wc.WeightsError, match="no room"):
         cache.ensure(str(tars["a"]))
     assert leftovers(cache) == []
 
 
 def test_reads_cog_sdxl_layout(tmp_path, tars):
-    folder = wm.WeightsCache(settings(tmp_path)).ensure(str(tars["cog"]))
+    folder = wc.WeightsCache(settings(tmp_path)).ensure(str(tars["cog"]))
     weights = wm.read_trained_weights(folder)
     assert weights.tokens == ["<s0>", "<s1>"] and weights.special_params == {"TOK": "<s0><s1>"}
     assert any(m.endswith("attn1.to_out.0") for m in weights.lora.modules)
@@ -211,7 +213,7 @@ def test_lora_for_another_base_model_is_refused_and_base_kept(manager, pipe, tmp
     export.write_weight_files(out, unet_lora_state=wrong, lora_alpha=4.0, embeddings=random_embeddings(9),
                               special_params={"TOK": "<s0><s1>"}, training_config={},
                               unet_layout=UNetLayout.from_unet_config(unet.config))
-    with pytest.raises(wm.WeightsError, match="another base model") as error:
+    with pytest.raises(wc.WeightsError, match="another base model") as error:
         manager.use(str(out), 0.6)
     assert "\n" not in str(error.value)
     assert np.array_equal(render(pipe), base)
@@ -234,3 +236,45 @@ def test_cancelled_load_rolls_back_to_base_and_retry_works(manager, pipe, tars, 
     monkeypatch.setattr(wm.LiveWeights, "_load_adapter", real_load)
     manager.use(str(tars["a"]), 0.6)
     assert not np.array_equal(render(pipe), base)
+
+
+def test_prompt_without_trigger_word_works_and_warns_once(manager, pipe, tars, caplog):
+    manager.use(str(tars["a"]), 0.6)
+    with caplog.at_level("WARNING", logger="weights_manager"):
+        assert manager.expand_prompt("a photo of a dog") == "a photo of a dog"
+        assert manager.expand_prompt("a photo of a cat") == "a photo of a cat"
+        assert manager.expand_prompt("a photo of TOK") == "a photo of <s0><s1>"
+    assert len([r for r in caplog.records if "trigger words" in r.message]) == 1
+
+
+def test_embeddings_for_another_base_model_are_refused(manager, pipe, tmp_path):
+    unet = tiny_unet()
+    out = tmp_path / "wide"
+    export.write_weight_files(out, unet_lora_state=random_peft_lora(unet, 5), lora_alpha=4.0,
+                              embeddings={"clip_l": torch.zeros(2, 768), "clip_g": torch.zeros(2, 1280)},
+                              special_params={"TOK": "<s0><s1>"}, training_config={},
+                              unet_layout=UNetLayout.from_unet_config(unet.config))
+    with pytest.raises(wc.WeightsError, match="clip_l embeddings have shape"):
+        manager.use(str(out), 0.6)
+    assert manager.active is None and not getattr(pipe.unet, "peft_config", {})
+
+
+def test_full_unet_weights_apply_and_restore_exactly(manager, pipe, tars, tmp_path):
+    base = render(pipe)
+    unet = tiny_unet()
+    generator = torch.Generator().manual_seed(3)
+    full = {k: v + 0.05 * torch.randn(v.shape, generator=generator)
+            for k, v in unet.state_dict().items() if ".attn2." in k and k.endswith("weight")}
+    out = tmp_path / "full"
+    export.write_weight_files(out, unet_lora_state=None, lora_alpha=None, embeddings=random_embeddings(3),
+                              special_params={"TOK": "<s0><s1>"}, training_config={},
+                              unet_layout=UNetLayout.from_unet_config(unet.config), unet_full_state=full)
+    manager.use(str(tars["a"]), 0.6)
+    with_a = render(pipe)
+    manager.use(str(out), 0.6)
+    with_full = render(pipe)
+    assert not np.array_equal(with_full, base) and not np.array_equal(with_full, with_a)
+    manager.use(str(tars["a"]), 0.6)
+    assert np.array_equal(render(pipe), with_a), "LoRA weights after full weights: the full weights are undone"
+    manager.use(None, 0.6)
+    assert np.array_equal(render(pipe), base)

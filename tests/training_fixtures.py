@@ -55,3 +55,14 @@ def write_plain_folder(folder: Path, count: int, size: int = SIZE) -> Path:
     for index in range(count):
         concept_image(index, size).save(folder / f"photo{index}.png")
     return folder
+
+
+def single_torch_thread():
+    """Generator for a module fixture: tiny-model ops are far faster on one thread when the cores are shared
+    (OpenMP workers spin-waiting for each other); restores the previous count afterwards."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -1,0 +1,228 @@
+"""Pivotal tuning on the tiny SDXL: only new rows change, LoRA trains, the model learns, resume is exact, the text
+encoders rest after the pivot, bad settings fail fast, and train() returns the tar."""
+
+import json
+import math
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from peft import get_peft_model_state_dict
+from safetensors.torch import load_file
+
+import base_model
+from trainer import SettingsError, Trainer, TrainingSettings, plan_training
+from training_fixtures import SIZE, single_torch_thread, write_dataset_folder, write_plain_folder
+
+CAPTIONS = ["a photo of TOK", "TOK sitting on a table", "a close up photo of TOK", "TOK in the forest"]
+BROAD_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
+                 "conv2", "conv_in", "conv_out")
+# Measured with this test's settings (seed 7): before ≈ 1.17, after ≈ 0.6x (ratio ≈ 0.5x). Required: below 0.75.
+LEARNING_MAX_RATIO = 0.75
+
+
+def make_settings(dataset: Path, output: Path, **overrides) -> TrainingSettings:
+    values = dict(dataset_dir=dataset, output_dir=output, resolution=SIZE, train_batch_size=2, max_train_steps=8,
+                  lora_rank=4, lora_lr=3e-3, ti_lr=1e-2, lr_warmup_steps=0, validation_num_inference_steps=2,
+                  show_progress=False, seed=7)
+    values.update(overrides)
+    return TrainingSettings(**values)
+
+
+one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_dataset_folder(tmp_path_factory.mktemp("data") / "dataset", CAPTIONS)
+
+
+@pytest.fixture(scope="module")
+def base_tables():
+    pipe = base_model.load_sdxl_pipeline("tiny", base_model.pick_runtime("fp32", "cpu"))
+    return [pipe.text_encoder.get_input_embeddings().weight.detach().clone(),
+            pipe.text_encoder_2.get_input_embeddings().weight.detach().clone()]
+
+
+@pytest.fixture(scope="module")
+def main_run(dataset, tmp_path_factory):
+    """8 steps, pivot after 4, checkpoints every 3, LoRA dropout + flips + caption dropout (so resume must restore
+    the RNG), text-encoder calls recorded with the optimizer step they happened at."""
+    output = tmp_path_factory.mktemp("main") / "out"
+    settings = make_settings(dataset, output, checkpointing_steps=3, lora_dropout=0.1, flip_augmentation=True,
+                             caption_dropout=0.25)
+    trainer = Trainer.create(settings)
+    initial_rows = [table[ids].detach().clone() for table, ids in zip(trainer.embeddings.tables(),
+                                                                        trainer.embeddings.token_ids)]
+    calls = {0: [], 1: []}
+    for index, encoder in enumerate(trainer.text_encoders):
+        def record(module, args, output, index=index):
+            if trainer.unet.training:  # a training step, not a validation render
+                calls[index].append((trainer.step, None if trainer.text_cache is None else len(trainer.text_cache)))
+        encoder.register_forward_hook(record)
+    trainer.run()
+    result = trainer.export()
+    return trainer, result, calls, initial_rows
+
+
+def test_only_the_new_rows_changed_in_both_encoders(main_run, base_tables):
+    trainer, result, _, initial_rows = main_run
+    for table, base, ids, initial in zip(trainer.embeddings.tables(), base_tables, trainer.embeddings.token_ids,
+                                         initial_rows):
+        assert table.shape[0] == base.shape[0] + 2
+        assert torch.equal(table[: base.shape[0]], base)  # every old row bit-identical
+        assert ids.tolist() == [base.shape[0], base.shape[0] + 1]
+        assert (table[ids] - initial).abs().amin(dim=1).gt(0).all()  # every new row trained
+    assert result.embeddings["clip_l"].shape == (2, 32) and result.embeddings["clip_g"].shape == (2, 64)
+
+
+def test_lora_up_weights_are_non_zero(main_run):
+    trainer, *_ = main_run
+    state = get_peft_model_state_dict(trainer.unet)
+    ups = {k: v for k, v in state.items() if "lora_B" in k}
+    assert ups and all(v.abs().max() > 0 for v in ups.values())
+    assert all(k.endswith(("to_q.lora_B.weight", "to_k.lora_B.weight", "to_v.lora_B.weight",
+                           "to_out.0.lora_B.weight")) for k in ups)
+
+
+def test_text_encoders_are_not_called_after_the_pivot(main_run):
+    trainer, result, calls, _ = main_run
+    assert result.pivot_step == 4 and result.total_steps == 8
+    for encoder_calls in calls.values():
+        before = [c for c in encoder_calls if c[0] < 4]
+        after = [c for c in encoder_calls if c[0] >= 4]
+        assert len(before) == 4  # one call per training step while the embeddings train
+        assert after == [(4, 0)]  # the single batched call that fills the cache at the pivot, then none
+    assert set(trainer.text_cache) == {c for c in (item.caption for item in trainer.dataset.items)} | {""}
+    assert not trainer.embeddings.tables()[0].requires_grad
+
+
+def test_artifact_folder_holds_weights_samples_logs_and_loss_curve(main_run):
+    trainer, result, *_ = main_run
+    out = result.output_dir
+    for name in ("pytorch_lora_weights.safetensors", "embeddings.safetensors", "trained_model.safetensors",
+                 "special_params.json", "training_config.json", "README.md", "loss.png",
+                 "samples/final-0.png", "samples/step-000003-0.png", "samples/step-000006-0.png"):
+        assert (out / name).is_file(), name
+    assert list((out / "logs").glob("events.out.tfevents.*"))
+    assert json.loads((out / "special_params.json").read_text()) == {"TOK": "<s0><s1>"}
+    saved = load_file(str(out / "embeddings.safetensors"))
+    assert all(torch.equal(saved[k], result.embeddings[k]) for k in ("clip_l", "clip_g"))
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["total_steps"] == 8 and config["pivot_step"] == 4
+    assert len(result.loss_history) == 8 and all(math.isfinite(x) for x in result.loss_history)
+    assert not (out / "checkpoints").exists()  # checkpoints live next to the artifact, not inside the tar
+
+
+def test_resume_from_a_checkpoint_reaches_the_same_weights(main_run, dataset, tmp_path):
+    trainer, result, *_ = main_run
+    checkpoint = trainer.checkpoint_dir / "checkpoint-3"  # before the pivot: the resumed run crosses it
+    assert checkpoint.is_dir() and (trainer.checkpoint_dir / "checkpoint-6").is_dir()
+    assert not list(trainer.checkpoint_dir.glob(".*"))  # no staging leftovers
+    resumed = Trainer.create(make_settings(dataset, tmp_path / "out", checkpointing_steps=3, lora_dropout=0.1,
+                                           flip_augmentation=True, caption_dropout=0.25, resume_from=checkpoint))
+    resumed.run()
+    assert resumed.loss_history[:3] == result.loss_history[:3]
+    assert resumed.loss_history == pytest.approx(result.loss_history, rel=1e-5)
+    final = {k: v for k, v in trainer.unet.named_parameters() if v.requires_grad}
+    for name, value in resumed.unet.named_parameters():
+        if value.requires_grad:
+            torch.testing.assert_close(value, final[name], rtol=1e-5, atol=1e-6)
+    for key, value in resumed.embeddings.embeddings().items():
+        torch.testing.assert_close(value, result.embeddings[key], rtol=1e-5, atol=1e-6)
+
+
+def test_the_model_learns_the_concept(dataset, tmp_path):
+    """Masked denoising loss on the training images with their trigger captions, same (noise, timestep) draws
+    before and after 20 steps."""
+    trainer = Trainer.create(make_settings(dataset, tmp_path / "out", max_train_steps=20, lora_target_modules=BROAD_TARGETS,
+                                           validation_prompts=()))
+    before = trainer.evaluation_loss(num_draws=8)
+    trainer.run()
+    after = trainer.evaluation_loss(num_draws=8)
+    print(f"evaluation loss before {before:.4f} after {after:.4f} ratio {after / before:.3f}")
+    assert after < LEARNING_MAX_RATIO * before
+
+
+def test_full_finetune_with_prior_preservation_and_every_option(dataset, tmp_path):
+    class_dir = tmp_path / "class"
+    settings = make_settings(
+        dataset, tmp_path / "out", is_lora=False, unet_learning_rate=1e-4, max_train_steps=3, ti_frac=0.34,
+        class_data_dir=class_dir, class_prompt="a photo of a toy", num_class_images=2, optimizer="prodigy",
+        gradient_accumulation_steps=2, min_snr_gamma=5.0, noise_offset=0.05, pyramid_noise_iterations=2,
+        caption_shuffle=True, flip_augmentation=True, lr_scheduler="cosine", lr_warmup_steps=1,
+        gradient_checkpointing=True, token_string="TOK:1", validation_prompts=())
+    trainer = Trainer.create(settings)
+    assert sorted(p.name for p in class_dir.glob("*.png")) == ["class-0000.png", "class-0001.png"]
+    before = {k: v.detach().clone() for k, v in trainer.unet.named_parameters()}
+    trainer.run()
+    result = trainer.export()
+    changed = [k for k, v in trainer.unet.named_parameters() if not torch.equal(v, before[k])]
+    assert len(changed) > len(before) // 2
+    assert (result.output_dir / "unet.safetensors").is_file()
+    assert not (result.output_dir / "pytorch_lora_weights.safetensors").exists()
+    assert result.special_params == {"TOK": "<s0>"}
+    assert all(math.isfinite(x) for x in result.loss_history)
+
+
+BAD_SETTINGS = [
+    (dict(lora_rank=0), "lora_rank must be at least 1"),
+    (dict(max_train_steps=-5), "max_train_steps must be at least 1"),
+    (dict(train_batch_size=0), "train_batch_size must be at least 1"),
+    (dict(ti_frac=1.5), "ti_frac must be between 0 and 1"),
+    (dict(ti_frac=-0.1), "ti_frac must be between 0 and 1"),
+    (dict(token_string="ZZZ"), "trigger word 'ZZZ' appears in no caption"),
+    (dict(token_string="TOK:2,STY:1"), "trigger word 'STY' appears in no caption"),
+    (dict(resolution=60), "resolution must be a multiple of 8"),
+    (dict(lr_warmup_steps=-1), "lr_warmup_steps must not be negative"),
+    (dict(lr_scheduler="warp"), "lr_scheduler must be one of"),
+    (dict(optimizer="adamw8bit"), "adamw8bit needs a CUDA GPU"),
+    (dict(class_prompt="a dog"), "needs both class_data_dir and class_prompt"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_SETTINGS)
+def test_bad_settings_fail_before_any_model_loads(dataset, tmp_path, monkeypatch, overrides, message):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the settings were checked")
+
+    monkeypatch.setattr(base_model, "load_sdxl_pipeline", no_model)
+    with pytest.raises(ValueError, match=message) as info:
+        Trainer.create(make_settings(dataset, tmp_path / "out", **overrides))
+    assert "\n" not in str(info.value)
+
+
+def test_no_images_fails_fast(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SettingsError, match="no images found"):
+        plan_training(make_settings(tmp_path / "empty", tmp_path / "out"))
+
+
+def test_epochs_count_optimizer_steps_when_max_train_steps_is_unset(dataset, tmp_path):
+    plan = plan_training(make_settings(dataset, tmp_path / "out", max_train_steps=None, num_train_epochs=3,
+                                       gradient_accumulation_steps=2, train_batch_size=1, ti_frac=0.5))
+    assert (plan.total_steps, plan.pivot_step) == (6, 3)  # 4 images / (1 x 2) = 2 steps per epoch
+
+
+def test_train_turns_a_zip_of_photos_into_the_tar(tmp_path):
+    import train
+
+    photos = write_plain_folder(tmp_path / "photos", 3, size=96)
+    archive = tmp_path / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for photo in photos.iterdir():
+            handle.write(photo, photo.name)
+    output = train.train(input_images=archive, seed=3, resolution=SIZE, train_batch_size=1, max_train_steps=2,
+                         lora_rank=2, captioning_model="", crop_based_on_salience=False, verbose=False,
+                         validation_num_inference_steps=1)
+    assert isinstance(output, train.TrainingOutput)
+    tar_path = Path(output.weights)
+    assert tar_path.name == "trained_model.tar"
+    with tarfile.open(tar_path) as tar:
+        names = set(tar.getnames())
+    assert {"pytorch_lora_weights.safetensors", "embeddings.safetensors", "trained_model.safetensors",
+            "special_params.json", "training_config.json", "README.md", "loss.png", "samples/final-0.png"} <= names
+    assert any(n.startswith("logs/") for n in names)
+    assert sorted(p.name for p in tar_path.parent.iterdir()) == ["trained_model.tar"]  # work files cleaned up
