@@ -30,7 +30,7 @@ demo: $(VENV)/.installed
 	$(DEMO_ENV) $(PY) -c "from base_model import resolve_model_dir; print('tiny base model:', resolve_model_dir('tiny'))"
 	$(DEMO_ENV) $(PY) cog_local.py train -o $(DEMO)/train -i input_images=@$(DEMO)/photos.zip \
 		-i token_string=TOK -i caption_prefix="a photo of TOK" -i resolution=64 -i train_batch_size=2 -i max_train_steps=30 \
-		-i validation_num_inference_steps=8 -i seed=0
+		-i use_face_detection_instead=true -i captioning_model= -i validation_num_inference_steps=8 -i seed=0
 	$(DEMO_ENV) $(PY) cog_local.py predict -o $(DEMO)/predict -i replicate_weights=@$(DEMO)/train/trained_model.tar \
 		-i prompt="a photo of TOK" -i width=128 -i height=128 -i num_inference_steps=8 -i seed=0 -i output_format=png
 	@echo

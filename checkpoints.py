@@ -79,6 +79,19 @@ def load_checkpoint(folder: Path) -> Checkpoint:
     )
 
 
+def find_resume_checkpoint(path: Path) -> Path:
+    """``resume_from`` may name a checkpoint, a folder of checkpoints, or a run's output folder (whose checkpoints
+    live in ``<output>-checkpoints``); the latest complete checkpoint found is used."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    for root in (path, path.with_name(path.name + "-checkpoints")):
+        found = latest_checkpoint(root) if root.is_dir() else None
+        if found is not None:
+            return found
+    raise CheckpointError(f"resume_from {path}: no checkpoint in it or in {path.name}-checkpoints next to it")
+
+
 def latest_checkpoint(root: Path) -> Path | None:
     found = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX):].isdigit()]
     return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]), default=None)

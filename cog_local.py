@@ -20,11 +20,16 @@ import os
 import pathlib
 import shutil
 import sys
+import warnings
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
+from cog import Path as CogPath
+from cog import _inspector
+from cog._adt import InputField, PrimitiveType, Repetition
+from cog.types import URLPath
 
 ROOT = Path(__file__).resolve().parent
 _TRUE = {"true", "1", "yes", "y", "on"}
@@ -54,8 +59,6 @@ def parse_assignments(pairs: list[str]) -> dict[str, list[str]]:
 
 
 def _file_value(name: str, text: str) -> Any:
-    from cog import Path as CogPath
-
     if text.startswith("@"):
         path = Path(text[1:]).expanduser()
         if not path.is_file():
@@ -66,9 +69,7 @@ def _file_value(name: str, text: str) -> Any:
     raise InputError(f"{name}: give a local file as @path, or an http(s)/data URL; got {text!r}")
 
 
-def _scalar_value(name: str, primitive, text: str) -> Any:
-    from cog._adt import PrimitiveType
-
+def _scalar_value(name: str, primitive: PrimitiveType, text: str) -> Any:
     if primitive in (PrimitiveType.PATH, PrimitiveType.FILE):
         return _file_value(name, text)
     if primitive is PrimitiveType.BOOL:
@@ -86,10 +87,8 @@ def _scalar_value(name: str, primitive, text: str) -> Any:
     return text  # str, int, float, Secret: Cog's normalisation converts and checks the text
 
 
-def typed_values(raw: dict[str, list[str]], inputs: dict) -> dict[str, Any]:
+def typed_values(raw: dict[str, list[str]], inputs: dict[str, InputField]) -> dict[str, Any]:
     """Turn command-line strings into the JSON-like values a request body would carry."""
-    from cog._adt import Repetition
-
     unknown = sorted(set(raw) - set(inputs))
     if unknown:
         raise InputError(f"unknown input {', '.join(unknown)}; this model takes: {', '.join(inputs)}")
@@ -106,8 +105,6 @@ def typed_values(raw: dict[str, list[str]], inputs: dict) -> dict[str, Any]:
 
 def _localise(value: Any) -> Any:
     """Download URL inputs (Cog's URLPath) to local files, as the server does before calling the model."""
-    from cog.types import URLPath
-
     if isinstance(value, URLPath):
         return value.convert()
     if isinstance(value, list):
@@ -115,12 +112,10 @@ def _localise(value: Any) -> Any:
     return value
 
 
-def validated_inputs(raw: dict[str, list[str]], inputs: dict) -> dict[str, Any]:
+def validated_inputs(raw: dict[str, list[str]], inputs: dict[str, InputField]) -> dict[str, Any]:
     """Cog's own check: types, defaults, required inputs, ge/le, lengths, regex and choices."""
-    from cog._inspector import check_input
-
     try:
-        checked = check_input(inputs, typed_values(raw, inputs))
+        checked = _inspector.check_input(inputs, typed_values(raw, inputs))
     except InputError:
         raise
     except ValueError as exc:
@@ -128,19 +123,15 @@ def validated_inputs(raw: dict[str, list[str]], inputs: dict) -> dict[str, Any]:
     return {name: _localise(value) for name, value in checked.items()}
 
 
-def input_fields(mode: str, root: Path = ROOT) -> dict:
+def input_fields(mode: str, root: Path = ROOT) -> dict[str, InputField]:
     """The inputs of the entry point cog.yaml names for `mode`, as Cog's inspector sees them."""
-    from cog import _inspector
-
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     return _inspector.create_predictor(*entry_point(mode, root)).inputs
 
 
-def load_callable(mode: str, root: Path = ROOT):
+def load_callable(mode: str, root: Path = ROOT) -> Callable[..., Any]:
     """The train function, or the predict/run method of a Predictor after its setup()."""
-    from cog import _inspector
-
     module_name, obj_name = entry_point(mode, root)
     target = getattr(importlib.import_module(module_name), obj_name)
     if not inspect.isclass(target):
@@ -196,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output-dir", type=Path, default=Path("out"), help="where output files go")
     parser.add_argument("--project", type=Path, default=ROOT, help="folder holding cog.yaml (default: this one)")
     args = parser.parse_args(argv)
+    # Cog 0.23 asks models to move from BasePredictor.predict() to BaseRunner.run(); that is the model's business.
+    warnings.filterwarnings("ignore", message=".* is deprecated; use ", category=DeprecationWarning)
 
     try:
         kwargs = validated_inputs(parse_assignments(args.input), input_fields(args.mode, args.project))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 import time
 from typing import Optional, Union
@@ -43,12 +44,20 @@ def weights_source(weights: Path | str | None) -> str | None:
 
 
 class Predictor(BasePredictor):
+    def _fresh_output_dir(self) -> Path:
+        """An empty folder for this prediction's files; the previous prediction's (already returned) are removed,
+        so serving thousands of predictions does not fill the disk."""
+        for previous in self.outputs_root.iterdir():
+            shutil.rmtree(previous, ignore_errors=True)
+        return Path(tempfile.mkdtemp(dir=self.outputs_root))
+
     def setup(self, weights: Optional[Union[Path, str]] = None) -> None:
         """Load the base model, refiner and safety checker once; preload ``weights`` (the default weights)."""
         started = time.perf_counter()
         self.models = load_models(ModelSettings.from_env())
         self.weights = WeightsManager(self.models.text_pipelines, WeightsSettings.from_env())
         self.default_weights = weights_source(weights)
+        self.outputs_root = Path(tempfile.mkdtemp(prefix="predict-outputs-"))
         if self.default_weights:
             self.weights.use(self.default_weights, lora_scale=0.6)
         logger.info("setup took %.1fs", time.perf_counter() - started)
@@ -125,8 +134,7 @@ class Predictor(BasePredictor):
         expanded = self.weights.expand_prompt(prompt)
         check_prompt_length(expanded, self.weights.tokenizers())
         check_prompt_length(negative_prompt, self.weights.tokenizers(), "negative_prompt")
-        out_dir = Path(tempfile.mkdtemp(prefix="predict-"))
-        paths = generate_files(self.models, request, expanded, out_dir)
+        paths = generate_files(self.models, request, expanded, self._fresh_output_dir())
         self.record_metric("num_outputs", num_outputs)
         self.record_metric("width", width)
         self.record_metric("height", height)

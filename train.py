@@ -2,6 +2,9 @@
 
 Flow: preprocess the upload into a dataset folder → :func:`trainer.train_model` → :func:`export.pack_tar`.
 Callable from plain Python too (tests, ``cog_local.py``): arguments left out take their ``Input`` default.
+Under ``accelerate launch`` every process trains its slice of each batch; only the main process writes the tar
+(the others return the same path, unwritten). A failed run raises :class:`failures.RunFailed` (one line) and leaves
+no work folder behind.
 """
 
 from __future__ import annotations
@@ -12,16 +15,21 @@ import tempfile
 from pathlib import Path as PlainPath
 from typing import Optional
 
+from accelerate import PartialState
 from cog import BaseModel, Input, Path
 from cog.input import FieldInfo
 
 import export
+import failures
 import preprocess
 from captioning import DEFAULT_CAPTIONER
 from dataset_and_utils import parse_token_string
 from optim import OPTIMIZERS, SCHEDULERS
 from safe_archive import safe_extract
 from trainer import DEFAULT_LORA_TARGETS, TrainingSettings, train_model
+
+
+TAR_NAME = "trained_model.tar"
 
 
 class TrainingOutput(BaseModel):
@@ -113,8 +121,32 @@ def train(
 ) -> TrainingOutput:
     args = {name: _plain(value) for name, value in locals().items()}
     work = PlainPath(tempfile.mkdtemp(prefix="cog-sdxl-train-"))
+    try:
+        with failures.stage("checking the settings"):
+            settings = _training_settings(args, work)
+            settings.validate()  # cheap checks before the (slow) preprocessing
+        with failures.stage("preprocessing"):
+            preprocess.preprocess(PlainPath(args["input_images"]), settings.dataset_dir, _preprocess_settings(args))
+            if settings.class_data_dir is not None:
+                _unpack_class_images(args["class_images"], settings.class_data_dir, args["input_images_filetype"])
+        with failures.stage("training"):
+            result = train_model(settings)
+        tar_path = work / TAR_NAME
+        if PartialState().is_main_process:  # under `accelerate launch` only the main process writes the artifact
+            with failures.stage(f"writing {TAR_NAME}"):
+                export.pack_tar(result.output_dir, tar_path)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)  # a failed run leaves nothing behind
+        raise
+    for leftover in (settings.dataset_dir, settings.output_dir, settings.checkpoint_dir, settings.class_data_dir):
+        if leftover is not None:
+            shutil.rmtree(leftover, ignore_errors=True)
+    return TrainingOutput(weights=Path(tar_path))
+
+
+def _training_settings(args: dict, work: PlainPath) -> TrainingSettings:
     seed = args["seed"] if args["seed"] is not None else int.from_bytes(os.urandom(2), "big")
-    settings = TrainingSettings(
+    return TrainingSettings(
         dataset_dir=work / "dataset",
         output_dir=work / "trained_model",
         checkpoint_dir=work / "checkpoints",
@@ -159,16 +191,6 @@ def train(
         validation_num_inference_steps=args["validation_num_inference_steps"],
         show_progress=args["verbose"],
     )
-    settings.validate()  # cheap checks before the (slow) preprocessing
-    preprocess.preprocess(PlainPath(args["input_images"]), settings.dataset_dir, _preprocess_settings(args))
-    if settings.class_data_dir is not None:
-        _unpack_class_images(args["class_images"], settings.class_data_dir, args["input_images_filetype"])
-    result = train_model(settings)
-    tar_path = export.pack_tar(result.output_dir, work / "trained_model.tar")
-    for leftover in (settings.dataset_dir, settings.output_dir, settings.checkpoint_dir, settings.class_data_dir):
-        if leftover is not None:
-            shutil.rmtree(leftover, ignore_errors=True)
-    return TrainingOutput(weights=Path(tar_path))
 
 
 def _plain(value):

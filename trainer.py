@@ -24,7 +24,15 @@ import numpy as np
 import torch
 
 import base_model
-from checkpoints import Checkpoint, capture_rng, load_checkpoint, restore_rng, save_checkpoint
+from checkpoints import (
+    Checkpoint,
+    CheckpointError,
+    capture_rng,
+    find_resume_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
 from dataset_and_utils import (
     CachedDataset,
     CaptionAugmentation,
@@ -41,9 +49,11 @@ from dataset_and_utils import (
     replace_trigger_words,
     special_params,
 )
+from failures import check_finite, out_of_memory
 from lora_formats import UNetLayout
 from losses import compute_snr, masked_mse_per_sample, min_snr_weights, offset_noise, pyramid_noise
 from optim import SCHEDULERS, ParamGroup, ProdigySettings, build_optimizer, build_scheduler, check_optimizer_available
+from step_hooks import StepHooks
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -111,7 +121,7 @@ class TrainingSettings:
     num_class_images: int = 0  # generate class images with the base model until the folder holds this many
     # checkpoints, validation, logs
     checkpointing_steps: int = 0  # 0: no intermediate checkpoints
-    resume_from: Path | None = None
+    resume_from: Path | None = None  # a checkpoint, a folder of them, or an earlier run's output_dir
     validation_prompts: tuple[str, ...] = ("a photo of TOK",)
     validation_num_inference_steps: int = 25
     name: str = "trained_model"
@@ -155,8 +165,6 @@ class TrainingSettings:
             raise SettingsError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}; got {self.lr_scheduler!r}")
         if (self.class_data_dir is None) != (self.class_prompt is None):
             raise SettingsError("prior preservation needs both class_data_dir and class_prompt (or neither)")
-        if self.resume_from is not None and not Path(self.resume_from).is_dir():
-            raise SettingsError(f"resume_from {self.resume_from} is not a folder")
 
     @property
     def alpha(self) -> float:
@@ -176,6 +184,7 @@ class TrainingPlan:
     class_items: list[DatasetItem]
     total_steps: int  # optimizer steps
     pivot_step: int  # embeddings train for steps [0, pivot_step)
+    resume_checkpoint: Path | None  # the checkpoint resume_from resolves to
 
 
 def plan_training(settings: TrainingSettings, num_processes: int = 1) -> TrainingPlan:
@@ -200,7 +209,13 @@ def plan_training(settings: TrainingSettings, num_processes: int = 1) -> Trainin
     else:
         per_step = settings.train_batch_size * settings.gradient_accumulation_steps * num_processes
         total = settings.num_train_epochs * math.ceil(len(items) / per_step)
-    return TrainingPlan(triggers, items, class_items, total, int(settings.ti_frac * total))
+    resume = None
+    if settings.resume_from is not None:
+        try:
+            resume = find_resume_checkpoint(Path(settings.resume_from))
+        except CheckpointError as err:
+            raise SettingsError(str(err)) from None
+    return TrainingPlan(triggers, items, class_items, total, int(settings.ti_frac * total), resume)
 
 
 def _class_items(settings: TrainingSettings) -> list[DatasetItem]:
@@ -243,6 +258,7 @@ class Trainer:
         self.sample_images: list[Path] = []
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.output_dir = Path(settings.output_dir)
+        self.step_hooks: StepHooks = StepHooks()  # phase timing for benchmarks; no-op by default
         self.checkpoint_dir = Path(settings.checkpoint_dir or self.output_dir.with_name(self.output_dir.name + "-checkpoints"))
 
     # ------------------------------------------------------------------------------------------------ setup
@@ -263,7 +279,10 @@ class Trainer:
         return trainer
 
     def _prepare(self) -> None:
+        from accelerate.utils import set_seed
+
         s, pipe = self.settings, self.pipe
+        set_seed(s.seed)  # LoRA init and dropout draw from the global RNGs
         if s.class_data_dir is not None and len(self.plan.class_items) < s.num_class_images:
             self._generate_class_images()
         self.text_encoders = [pipe.text_encoder, pipe.text_encoder_2]
@@ -360,8 +379,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         s = self.settings
-        if s.resume_from is not None:
-            self._load_checkpoint(Path(s.resume_from))
+        if self.plan.resume_checkpoint is not None:
+            self._load_checkpoint(self.plan.resume_checkpoint)
         main = self.accelerator.is_main_process
         writer = self._summary_writer() if main else None
         progress = tqdm(total=self.plan.total_steps, initial=self.step, desc="training",
@@ -369,8 +388,10 @@ class Trainer:
         while self.step < self.plan.total_steps:
             if not self.training_embeddings and self.text_cache is None:
                 self._pass_pivot()
+            trains_embeddings = self.training_embeddings
             loss = self._optimizer_step()
             self.step += 1
+            self.step_hooks.step_done(self.step, pivoted=not trains_embeddings)
             self.loss_history.append(loss)
             lr = self.lr_scheduler.get_last_lr()[-1]
             progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
@@ -385,31 +406,50 @@ class Trainer:
             writer.close()
 
     def _optimizer_step(self) -> float:
-        s = self.settings
+        s, hooks = self.settings, self.step_hooks
         accumulation = s.gradient_accumulation_steps
         total = 0.0
-        for micro in range(accumulation):
-            last = micro == accumulation - 1
-            sync = contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet_for_training)
-            with sync:
-                loss = self._loss(self._batch(micro), _step_generator(s.seed, self.step, micro,
-                                                                      self.accelerator.process_index))
-                self.accelerator.backward(loss / accumulation)
-            total += loss.detach().item() / accumulation
-        if self.training_embeddings and self.accelerator.num_processes > 1:
-            for table in self.embeddings.tables():
-                table.grad = self.accelerator.reduce(table.grad, reduction="mean")
-        if s.max_grad_norm is not None:
+        try:
+            for micro in range(accumulation):
+                last = micro == accumulation - 1
+                with hooks.phase("data"):
+                    batch = self._batch(micro)
+                generator = _step_generator(s.seed, self.step, micro, self.accelerator.process_index)
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet_for_training):
+                    loss = self._loss(batch, generator)
+                    with hooks.phase("backward"):
+                        self.accelerator.backward(loss / accumulation)
+                total += loss.detach().item() / accumulation
+        except torch.OutOfMemoryError as error:
+            raise out_of_memory(self.step + 1, self._memory_settings()) from error
+        with hooks.phase("optimizer"):
+            if self.accelerator.num_processes > 1:
+                total = self.accelerator.reduce(torch.tensor(total, device=self.runtime.device), "mean").item()
+                if self.training_embeddings:
+                    for table in self.embeddings.tables():
+                        table.grad = self.accelerator.reduce(table.grad, reduction="mean")
             params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
-            torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
-        self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if self.training_embeddings:
-            self.embeddings.retract_embeddings()
-        if self.accelerator.num_processes > 1:
-            total = self.accelerator.reduce(torch.tensor(total, device=self.runtime.device), "mean").item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm or math.inf)
+            check_finite(self.step + 1, total, float(grad_norm), self._learning_rates(),
+                         full_precision=self.runtime.dtype == torch.float32)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.training_embeddings:
+                self.embeddings.retract_embeddings()
         return total
+
+    def _learning_rates(self) -> dict[str, float]:
+        """The learning-rate settings of what trains in this step (for error messages)."""
+        s = self.settings
+        rates = {"ti_lr": s.ti_lr} if self.training_embeddings else {}
+        rates.update({"lora_lr": s.lora_lr} if s.is_lora else {"unet_learning_rate": s.unet_learning_rate})
+        return rates
+
+    def _memory_settings(self) -> str:
+        s = self.settings
+        return (f"train_batch_size={s.train_batch_size}, resolution={s.resolution}, "
+                f"gradient_checkpointing={str(s.gradient_checkpointing).lower()}")
 
     def _batch(self, micro: int) -> dict:
         """This process's slice of the batch for (step, micro), a pure function of seed and step, so the data
@@ -455,8 +495,9 @@ class Trainer:
                          time_ids: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """Masked (min-SNR weighted) denoising loss per sample at the given noise and timesteps."""
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
-        prompt_embeds, pooled = self.text_conditioning(captions)
-        with self.runtime.autocast():
+        with self.step_hooks.phase("text_encoders"):
+            prompt_embeds, pooled = self.text_conditioning(captions)
+        with self.step_hooks.phase("unet_forward"), self.runtime.autocast():
             prediction = self.unet_for_training(noisy, timesteps, prompt_embeds,
                                                 added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
         prediction_type = self.noise_scheduler.config.prediction_type

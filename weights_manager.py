@@ -240,8 +240,13 @@ class FullUnetPatch:
         self._base: dict[str, Tensor] = {}
         self._applied: set[str] = set()
 
+    def _params(self) -> dict[str, Tensor]:
+        """The UNet's tensors by their plain names (a layer wrapped for LoRA keeps its own under ``base_layer``)."""
+        return {key.replace(".base_layer.", "."): value for key, value in self.unet.state_dict().items()
+                if "lora_" not in key}
+
     def check(self, state: dict[str, Tensor], label: str) -> None:
-        params = self.unet.state_dict()
+        params = self._params()
         for key, value in state.items():
             if key not in params:
                 raise WeightsError(f"{label}: {FULL_UNET} has {key!r}, which this base model's UNet lacks")
@@ -250,7 +255,7 @@ class FullUnetPatch:
                                    f"is {list(params[key].shape)} (weights trained for another base model?)")
 
     def apply(self, state: dict[str, Tensor]) -> None:
-        params = self.unet.state_dict()
+        params = self._params()
         with torch.no_grad():
             for key, value in state.items():
                 if key not in self._base:
@@ -261,7 +266,7 @@ class FullUnetPatch:
     def restore(self) -> None:
         if not self._applied:
             return
-        params = self.unet.state_dict()
+        params = self._params()
         with torch.no_grad():
             for key in sorted(self._applied):
                 params[key].copy_(self._base[key].to(device=params[key].device, dtype=params[key].dtype))
@@ -287,10 +292,6 @@ class LiveWeights:
         self.active: str | None = None
         self._consistent = True
         self._lora_enabled = False  # whether the UNet's LoRA layers are switched on (tracked: toggling walks it)
-
-    @property
-    def active_weights(self) -> TrainedWeights | None:
-        return self.loaded[self.active].weights if self.active else None
 
     def activate(self, key: str, read: Callable[[], TrainedWeights], lora_scale: float, label: str) -> TrainedWeights:
         self._switch(lambda: self._activate(key, read, lora_scale, label))
@@ -361,6 +362,8 @@ class LiveWeights:
         self.tokens.check(weights.embeddings, label)
         if weights.unet_full is not None:
             self.full_unet.check(weights.unet_full, label)
+            for other in [k for k, e in self.loaded.items() if e.adapter is None]:
+                del self.loaded[other]  # a whole UNet is large: keep one such set of weights in memory
             entry = _Loaded(None, weights)
         else:
             self._check_lora(weights.lora, label)

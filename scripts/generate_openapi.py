@@ -15,15 +15,20 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import inspect
 import json
 import re
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
+from cog import _adt as adt
+from cog import _inspector
+from cog.input import FieldInfo
 
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = Path(".cog") / "openapi_schema.json"
@@ -67,10 +72,6 @@ def read_refs(root: Path) -> dict[Mode, str]:
 
 def _signature_parameters(module_name: str, obj_name: str) -> dict[str, inspect.Parameter]:
     """The parameters of the function Cog calls (for a class: the `run`/`predict` method Cog selects)."""
-    import importlib
-
-    from cog import _inspector
-
     target = getattr(importlib.import_module(module_name), obj_name)
     if inspect.isclass(target):
         _, target = _inspector._selected_predict_method(target, f"{module_name}.{obj_name}")
@@ -79,18 +80,23 @@ def _signature_parameters(module_name: str, obj_name: str) -> dict[str, inspect.
     return params
 
 
-def _input_property(field, param: inspect.Parameter) -> tuple[dict[str, Any], dict[str, Any] | None, bool]:
-    """(property schema, enum component or None, required?) for one input, following Cog's Go generator."""
-    from cog import _adt as adt
-    from cog.input import FieldInfo
+_NO_DEFAULT = object()
 
-    info = param.default if isinstance(param.default, FieldInfo) else None
-    has_default = param.default is not inspect.Parameter.empty and not (info is not None and info.default is None)
-    declared_none = param.default is None or (info is not None and info.default is None)
+
+def _declared_default(param: inspect.Parameter) -> Any:
+    """The default written in the signature (`x: int = 3` or `Input(default=3)`), or `_NO_DEFAULT`."""
+    if param.default is inspect.Parameter.empty:
+        return _NO_DEFAULT
+    return param.default.default if isinstance(param.default, FieldInfo) else param.default
+
+
+def _input_property(field: adt.InputField, param: inspect.Parameter) -> tuple[dict[str, Any], dict | None, bool]:
+    """(property schema, enum component or None, required?) for one input, following Cog's Go generator."""
     ftype = field.type
     nullable = ftype.repetition in (adt.Repetition.OPTIONAL, adt.Repetition.OPTIONAL_REPEATED)
-    # `x: str = Input(default=None)` is not optional in Cog: a None default on a non-nullable type means "required".
-    effective_default = has_default or (declared_none and nullable)
+    declared = _declared_default(param)
+    # A None default on a non-nullable type (`x: str = Input(default=None)`) is no default in Cog: x is required.
+    has_default = declared is not _NO_DEFAULT and (declared is not None or nullable)
 
     prop: dict[str, Any] = {"x-order": field.order}
     enum = None
@@ -101,9 +107,9 @@ def _input_property(field, param: inspect.Parameter) -> tuple[dict[str, Any], di
     else:
         prop["title"] = title_case(field.name)
         prop.update(ftype.json_type())
-    required = not effective_default and ftype.repetition in (adt.Repetition.REQUIRED, adt.Repetition.REPEATED)
-    if effective_default:
-        prop["default"] = ftype.json_encode(field.default) if field.default is not None else None
+    required = not has_default and ftype.repetition in (adt.Repetition.REQUIRED, adt.Repetition.REPEATED)
+    if has_default:
+        prop["default"] = None if field.default is None else ftype.json_encode(field.default)
     if nullable:
         prop["nullable"] = True
     if field.description is not None:
@@ -120,12 +126,12 @@ def _input_property(field, param: inspect.Parameter) -> tuple[dict[str, Any], di
         prop["pattern"] = field.regex
     if field.deprecated:
         prop["deprecated"] = True
-    if info is not None and info.accept is not None:
-        prop["x-cog-accept"] = info.accept
+    if isinstance(param.default, FieldInfo) and param.default.accept is not None:
+        prop["x-cog-accept"] = param.default.accept
     return prop, enum, required
 
 
-def _output_schema(output, title: str) -> dict[str, Any]:
+def _output_schema(output: adt.OutputType, title: str) -> dict[str, Any]:
     schema = copy.deepcopy(output.json_type())
     schema["title"] = title
     return schema
@@ -164,8 +170,6 @@ _UNPROCESSABLE = {"description": "Validation Error",
 
 def mode_schema(ref: str, mode: Mode) -> dict[str, Any]:
     """The OpenAPI document `cog build` writes for one mode (`predict.py:Predictor` or `train.py:train`)."""
-    from cog import _inspector
-
     file_name, obj_name = ref.split(":", 1)
     module_name = file_name.removesuffix(".py").replace("/", ".")
     info = _inspector.create_predictor(module_name, obj_name)
@@ -307,7 +311,8 @@ def _number(value: float) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+    """Table-cell text: pipes escaped, and `<...>` kept visible instead of being read as HTML tags."""
+    return text.replace("|", "\\|").replace("\n", " ").replace("<", "&lt;").replace(">", "&gt;")
 
 
 def _default_label(name: str, prop: dict[str, Any], required: set[str]) -> str:
@@ -370,6 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     action.add_argument("--markdown", action="store_true", help="print the input tables as markdown")
     args = parser.parse_args(argv)
     root = args.root.resolve()
+    # Cog 0.23 asks models to move from BasePredictor.predict() to BaseRunner.run(); that is the model's business.
+    warnings.filterwarnings("ignore", message=".* is deprecated; use ", category=DeprecationWarning)
 
     schema = build_schema(root)
     schema_text = render_schema(schema)

@@ -26,20 +26,28 @@ PREDICT_DEFAULTS = {name: param.default.default for name, param in inspect.signa
                     if name != "self"}
 FAST = dict(width=64, height=64, num_inference_steps=2, seed=11, output_format="png", prompt="a photo of TOK dog")
 
-# A fresh process: setup() with the weights Cog passes, one prediction, the pixels saved as .npy.
-FRESH_PROCESS = textwrap.dedent("""
-    import inspect, json, sys
+# Fresh processes: the imports are done once, then each case runs in its own forked child (no model, adapter or
+# tokenizer state exists before the fork), which calls setup() with the weights Cog passes and predicts once.
+FRESH_PROCESSES = textwrap.dedent("""
+    import inspect, json, os, sys
     import numpy as np, torch
     from PIL import Image
     torch.set_num_threads(1)  # as the one_torch_thread fixture: same thread count, same bits
     sys.path.insert(0, {root!r})
     from predict import Predictor
-    weights, args, out = sys.argv[1] or None, json.loads(sys.argv[2]), sys.argv[3]
+    cases, args = json.loads(sys.argv[1]), json.loads(sys.argv[2])
     defaults = {{k: p.default.default for k, p in inspect.signature(Predictor.predict).parameters.items() if k != "self"}}
-    predictor = Predictor()
-    predictor.setup(weights)
-    paths = predictor.predict(**{{**defaults, **args}})
-    np.save(out, np.array(Image.open(paths[0])))
+    for weights, out in cases:
+        pid = os.fork()
+        if pid == 0:
+            predictor = Predictor()
+            predictor.setup(weights)
+            paths = predictor.predict(**{{**defaults, **args}})
+            np.save(out, np.array(Image.open(paths[0])))
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            sys.exit(f"fresh process for {{weights}} failed with status {{status}}")
 """)
 
 
@@ -52,24 +60,22 @@ def tars(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def fresh_images(tars, tmp_path_factory) -> dict[str, np.ndarray]:
-    """Images of fresh processes (base, A, B), started in parallel while the module's other tests run."""
+def fresh_images(tars, tmp_path_factory):
+    """Images of fresh processes (base, A, B), computed in the background while the module's other tests run;
+    the fixture's value is a function that waits for them."""
     folder = tmp_path_factory.mktemp("fresh")
     env = {**os.environ, "WEIGHTS_CACHE_DIR": str(folder / "cache")}
-    script = FRESH_PROCESS.format(root=str(ROOT))
-    runs = {}
-    for name, weights in (("none", ""), ("a", str(tars["a"])), ("b", str(tars["b"]))):
-        out = folder / f"{name}.npy"
-        runs[name] = (out, subprocess.Popen([sys.executable, "-c", script, weights, json.dumps(FAST), str(out)],
-                                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE))
+    cases = {"none": None, "a": str(tars["a"]), "b": str(tars["b"])}
+    outputs = {name: folder / f"{name}.npy" for name in cases}
+    process = subprocess.Popen(
+        [sys.executable, "-c", FRESH_PROCESSES.format(root=str(ROOT)),
+         json.dumps([(weights, str(outputs[name])) for name, weights in cases.items()]), json.dumps(FAST)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
     def collect() -> dict[str, np.ndarray]:
-        images = {}
-        for name, (out, process) in runs.items():
-            _, stderr = process.communicate(timeout=600)
-            assert process.returncode == 0, stderr.decode()[-2000:]
-            images[name] = np.load(out)
-        return images
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr.decode()[-2000:]
+        return {name: np.load(path) for name, path in outputs.items()}
 
     return collect
 
@@ -157,9 +163,11 @@ def test_num_outputs_and_output_formats(predictor):
     for output_format, pil_format in (("webp", "WEBP"), ("jpg", "JPEG"), ("png", "PNG")):
         (path,) = run(predictor, output_format=output_format)
         assert path.suffix == "." + output_format and Image.open(path).format == pil_format
-    low, high = run(predictor, output_format="jpg", output_quality=5), run(predictor, output_format="jpg",
-                                                                            output_quality=100)
-    assert low[0].stat().st_size < high[0].stat().st_size
+    (low,) = run(predictor, output_format="jpg", output_quality=5)
+    low_bytes = low.stat().st_size
+    (high,) = run(predictor, output_format="jpg", output_quality=100)
+    assert low_bytes < high.stat().st_size
+    assert not low.exists(), "a prediction's files are removed when the next prediction starts"
 
 
 def test_every_scheduler_runs(predictor):

@@ -19,8 +19,8 @@ from training_fixtures import SIZE, single_torch_thread, write_dataset_folder, w
 CAPTIONS = ["a photo of TOK", "TOK sitting on a table", "a close up photo of TOK", "TOK in the forest"]
 BROAD_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                  "conv2", "conv_in", "conv_out")
-# Measured with this test's settings (seed 7): before ≈ 1.17, after ≈ 0.6x (ratio ≈ 0.5x). Required: below 0.75.
-LEARNING_MAX_RATIO = 0.75
+# Measured with this test's settings (seed 7, 40 steps): loss 1.287 before, 0.584 after (ratio 0.45). Required: < 0.7.
+LEARNING_MAX_RATIO = 0.7
 
 
 def make_settings(dataset: Path, output: Path, **overrides) -> TrainingSettings:
@@ -136,9 +136,9 @@ def test_resume_from_a_checkpoint_reaches_the_same_weights(main_run, dataset, tm
 
 def test_the_model_learns_the_concept(dataset, tmp_path):
     """Masked denoising loss on the training images with their trigger captions, same (noise, timestep) draws
-    before and after 20 steps."""
-    trainer = Trainer.create(make_settings(dataset, tmp_path / "out", max_train_steps=20, lora_target_modules=BROAD_TARGETS,
-                                           validation_prompts=()))
+    before and after 40 steps."""
+    trainer = Trainer.create(make_settings(dataset, tmp_path / "out", max_train_steps=40,
+                                           lora_target_modules=BROAD_TARGETS, validation_prompts=()))
     before = trainer.evaluation_loss(num_draws=8)
     trainer.run()
     after = trainer.evaluation_loss(num_draws=8)
