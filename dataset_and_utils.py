@@ -278,7 +278,8 @@ class PromptTokenizer:
         return self._cache[caption]
 
 
-def encode_prompt(text_encoders: list[torch.nn.Module], input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompt(text_encoders: list[torch.nn.Module],
+                  input_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """SDXL prompt encoding: ``([B, 77, d1 + d2], [B, d2])``."""
     hidden = []
     pooled = None

@@ -141,6 +141,8 @@ def train(
     for leftover in (settings.dataset_dir, settings.output_dir, settings.checkpoint_dir, settings.class_data_dir):
         if leftover is not None:
             shutil.rmtree(leftover, ignore_errors=True)
+    if not tar_path.exists():  # a non-main process of a multi-process run: nothing to hand back
+        shutil.rmtree(work, ignore_errors=True)
     return TrainingOutput(weights=Path(tar_path))
 
 

@@ -146,7 +146,8 @@ class TrainingSettings:
             if value < 0:
                 raise SettingsError(f"{name} must not be negative, got {value}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
-            raise SettingsError(f"max_train_steps must be at least 1 (or unset to use epochs), got {self.max_train_steps}")
+            raise SettingsError(f"max_train_steps must be at least 1 (or unset to use epochs), "
+                                f"got {self.max_train_steps}")
         if self.resolution % 8:
             raise SettingsError(f"resolution must be a multiple of 8, got {self.resolution}")
         for name, value in {"ti_frac": self.ti_frac, "caption_dropout": self.caption_dropout,
@@ -203,7 +204,8 @@ def plan_training(settings: TrainingSettings, num_processes: int = 1) -> Trainin
     if settings.class_data_dir is not None and Path(settings.class_data_dir).is_dir():
         class_items = _class_items(settings)
     if settings.class_data_dir is not None and not class_items and settings.num_class_images == 0:
-        raise SettingsError(f"class_data_dir {settings.class_data_dir} holds no images; add some or set num_class_images")
+        raise SettingsError(f"class_data_dir {settings.class_data_dir} holds no images; add some or set "
+                            "num_class_images")
     if settings.max_train_steps is not None:
         total = settings.max_train_steps
     else:
@@ -259,7 +261,8 @@ class Trainer:
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
         self.output_dir = Path(settings.output_dir)
         self.step_hooks: StepHooks = StepHooks()  # phase timing for benchmarks; no-op by default
-        self.checkpoint_dir = Path(settings.checkpoint_dir or self.output_dir.with_name(self.output_dir.name + "-checkpoints"))
+        self.checkpoint_dir = Path(settings.checkpoint_dir
+                                   or self.output_dir.with_name(self.output_dir.name + "-checkpoints"))
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -345,7 +348,8 @@ class Trainer:
             groups.append(ParamGroup("lora", unet_params, s.lora_lr, s.lora_weight_decay))
         else:
             groups.append(ParamGroup("unet", unet_params, s.unet_learning_rate, s.unet_weight_decay))
-        self.optimizer = build_optimizer(groups, s.optimizer, self.runtime.device, ProdigySettings(d_coef=s.prodigy_d_coef))
+        self.optimizer = build_optimizer(groups, s.optimizer, self.runtime.device,
+                                         ProdigySettings(d_coef=s.prodigy_d_coef))
         self.lr_scheduler = build_scheduler(s.lr_scheduler, self.optimizer, warmup_steps=s.lr_warmup_steps,
                                             total_steps=self.plan.total_steps, num_cycles=s.lr_num_cycles,
                                             power=s.lr_power)
@@ -452,29 +456,34 @@ class Trainer:
                 f"gradient_checkpointing={str(s.gradient_checkpointing).lower()}")
 
     def _batch(self, micro: int) -> dict:
-        """This process's slice of the batch for (step, micro), a pure function of seed and step, so the data
-        order survives a resume without any sampler state."""
+        """This process's batch for (step, micro): a pure function of seed and step, so the data order survives a
+        resume without any sampler state. With prior preservation it carries a class batch under ``"class"``."""
         s = self.settings
-        per_process = s.train_batch_size
-        start = ((self.step * s.gradient_accumulation_steps + micro) * self.accelerator.num_processes
-                 + self.accelerator.process_index) * per_process
-        rng = random.Random(_step_seed(s.seed, self.step, micro, self.accelerator.process_index))
-        batch = self._draw(self.dataset, start, per_process, s.seed, rng)
+        rank = self.accelerator.process_index
+        number = (self.step * s.gradient_accumulation_steps + micro) * self.accelerator.num_processes + rank
+        rng = random.Random(_step_seed(s.seed, self.step, micro, rank))
+        batch = self._draw(self.dataset, number, s.seed, rng)
         if self.class_dataset is not None:
-            class_batch = self._draw(self.class_dataset, start, per_process, s.seed + 1, rng)
-            batch = {key: _concat(batch[key], class_batch[key]) for key in batch}
-            batch["num_instance"] = per_process
+            batch["class"] = self._draw(self.class_dataset, number, s.seed + 1, rng)
         return batch
 
-    def _draw(self, dataset: CachedDataset, start: int, count: int, seed: int, rng: random.Random) -> dict:
-        positions = range(start, start + count)
-        indices = [int(_epoch_order(seed, p // len(dataset), len(dataset))[p % len(dataset)]) for p in positions]
+    def _draw(self, dataset: CachedDataset, number: int, seed: int, rng: random.Random) -> dict:
+        """Batch ``number`` of the endless stream of epochs; every batch holds images of one size (bucket)."""
+        sizes = tuple(tuple(item.latents.shape[-2:]) for item in dataset.items)
+        per_epoch = len(_epoch_batches(seed, 0, sizes, self.settings.train_batch_size))
+        indices = _epoch_batches(seed, number // per_epoch, sizes, self.settings.train_batch_size)[number % per_epoch]
         flips = [self.settings.flip_augmentation and rng.random() < 0.5 for _ in indices]
-        batch = dataset.batch(indices, flips)
+        batch = dataset.batch(list(indices), flips)
         batch["captions"] = [self.caption_augmentation.apply(c, rng) for c in batch["captions"]]
         return batch
 
     def _loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        loss = self._batch_losses(batch, generator).mean()
+        if "class" in batch:
+            loss = loss + self.settings.prior_loss_weight * self._batch_losses(batch["class"], generator).mean()
+        return loss
+
+    def _batch_losses(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         device = self.runtime.device
         latents = batch["latents"].to(device)
         noise = torch.randn(latents.shape, generator=generator)  # drawn on the CPU: reproducible on any device
@@ -483,13 +492,8 @@ class Trainer:
                               generator).to(device)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                                   generator=generator).to(device)
-        per_sample = self.denoising_losses(latents, batch["masks"].to(device), batch["captions"],
-                                           batch["time_ids"].to(device), noise, timesteps)
-        instance = batch.get("num_instance", len(per_sample))
-        loss = per_sample[:instance].mean()
-        if instance < len(per_sample):
-            loss = loss + self.settings.prior_loss_weight * per_sample[instance:].mean()
-        return loss
+        return self.denoising_losses(latents, batch["masks"].to(device), batch["captions"],
+                                     batch["time_ids"].to(device), noise, timesteps)
 
     def denoising_losses(self, latents: torch.Tensor, masks: torch.Tensor, captions: list[str],
                          time_ids: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -719,9 +723,16 @@ def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Genera
 
 
 @lru_cache(maxsize=64)
-def _epoch_order(seed: int, epoch: int, size: int) -> torch.Tensor:
-    return torch.randperm(size, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-
-
-def _concat(a, b):
-    return a + b if isinstance(a, list) else torch.cat([a, b])
+def _epoch_batches(seed: int, epoch: int, sizes: tuple[tuple[int, int], ...],
+                   batch_size: int) -> tuple[tuple[int, ...], ...]:
+    """One epoch as batches of ``batch_size`` items of one size each (a bucket's last batch wraps around within the
+    bucket), in an order shuffled by (seed, epoch)."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    batches = []
+    for size in sorted(set(sizes)):
+        members = [index for index, item_size in enumerate(sizes) if item_size == size]
+        order = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
+        count = math.ceil(len(order) / batch_size)
+        wrapped = (order * math.ceil(count * batch_size / len(order)))[: count * batch_size]
+        batches += [tuple(wrapped[k * batch_size:(k + 1) * batch_size]) for k in range(count)]
+    return tuple(batches[i] for i in torch.randperm(len(batches), generator=generator).tolist())

@@ -4,6 +4,7 @@ Paths (``<name>`` is a file in the served folder):
 
 ==========================  =====================================================================================
 ``/files/<name>``           the file, honouring ``Range`` (a well-behaved server)
+``/slow/<name>``            the file, after waiting ``stall_s`` (a slow but well-behaved server)
 ``/drop-once/<name>``       the first request is cut half-way (the connection closes); later ones honour ``Range``
 ``/drop-always/<name>``     every request is cut half-way, and ranges are not offered
 ``/short/<name>``           announces the full length, sends half, closes (no ranges)
@@ -51,7 +52,7 @@ class MisbehavingServer:
 
             def do_GET(self) -> None:
                 server.requests.append((self.path, self.headers.get("Range")))
-                kind, _, rest = self.path.lstrip("/").partition("/")
+                kind, _, rest = self.path.split("?")[0].lstrip("/").partition("/")
                 try:
                     server.respond(self, kind, rest)
                 except (BrokenPipeError, ConnectionResetError):
@@ -95,11 +96,15 @@ class MisbehavingServer:
         data = path.read_bytes()
         half = len(data) // 2
         if kind == "short" or kind == "drop-always" or (kind == "drop-once" and rest not in self._dropped):
-            self._dropped.add(rest)
+            if kind == "drop-once":
+                self._dropped.add(rest)
             return handler.send_body(200, data[:half], "application/x-tar", length=len(data), close=True,
                                      ranges=kind == "drop-once")
         if kind == "long":
             return handler.send_body(200, data, "application/x-tar", length=half, close=True)
+        if kind == "slow":
+            self._stop.wait(self.stall_s)
+            return handler.send_body(200, data, "application/x-tar")
         if kind == "stall":
             handler.send_body(200, data[:half], "application/x-tar", length=len(data))
             self._stop.wait(self.stall_s)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import weights_cache as wc
 import weights_manager as wm
 from misbehaving_server import MisbehavingServer
 from weights_fixtures import write_trained_tar
@@ -32,10 +33,10 @@ def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("cache")
 
 
-def settings(cache_dir: Path, **overrides) -> wm.WeightsSettings:
+def settings(cache_dir: Path, **overrides) -> wc.WeightsSettings:
     values = dict(cache_dir=cache_dir, min_free_bytes=0, connect_timeout_s=1.0, read_timeout_s=1.0,
                   download_attempts=2, download_deadline_s=3.0)
-    return wm.WeightsSettings(**{**values, **overrides})
+    return wc.WeightsSettings(**{**values, **overrides})
 
 
 FAULTS = [
@@ -61,9 +62,9 @@ FAULTS = [
 def test_a_misbehaving_download_is_one_clear_error_and_leaves_no_cache_entry(server, tar_path, cache_dir, case, path,
                                                                             overrides, expected):
     url = server.url(path.format(tar=tar_path.name)) if path else "http://127.0.0.1:9/weights.tar"
-    cache = wm.WeightsCache(settings(cache_dir, **overrides))
+    cache = wc.WeightsCache(settings(cache_dir, **overrides))
     started = time.perf_counter()
-    with pytest.raises(wm.WeightsError, match=expected) as error:
+    with pytest.raises(wc.WeightsError, match=expected) as error:
         cache.ensure(url + "?X-Amz-Signature=secret")
     elapsed = time.perf_counter() - started
     message = str(error.value)
@@ -74,7 +75,7 @@ def test_a_misbehaving_download_is_one_clear_error_and_leaves_no_cache_entry(ser
 
 
 def test_a_connection_dropped_once_resumes_with_range_and_the_cache_still_works(server, tar_path, cache_dir):
-    cache = wm.WeightsCache(settings(cache_dir))
+    cache = wc.WeightsCache(settings(cache_dir))
     folder = cache.ensure(server.url("drop-once/" + tar_path.name))
     ranges = [rng for path, rng in server.requests if path == "/drop-once/" + tar_path.name]
     assert ranges[0] is None and ranges[1].startswith("bytes="), ranges

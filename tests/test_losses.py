@@ -53,7 +53,8 @@ def test_offset_noise_shifts_whole_channels():
     noise = torch.randn(64, 4, 16, 16, generator=generator)
     shifted = offset_noise(noise, 0.5, generator)
     channel_shift = (shifted - noise).flatten(2)
-    assert torch.allclose(channel_shift, channel_shift[..., :1].expand_as(channel_shift), atol=1e-6)  # constant per channel
+    per_channel_constant = channel_shift[..., :1].expand_as(channel_shift)
+    assert torch.allclose(channel_shift, per_channel_constant, atol=1e-6)
     assert channel_shift[..., 0].std().item() == pytest.approx(0.5, rel=0.2)
     assert offset_noise(noise, 0.0) is noise
 

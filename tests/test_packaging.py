@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import tarfile
 import textwrap
 from pathlib import Path
 
@@ -14,10 +16,12 @@ import yaml
 from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "scripts"))
+import demo_photos  # noqa: E402
 import generate_openapi  # noqa: E402
 import gpu_requirements  # noqa: E402
 
 import cog_local  # noqa: E402
+from cog_server import free_port  # noqa: E402
 
 COG_YAML = yaml.safe_load((ROOT / "cog.yaml").read_text())
 
@@ -242,3 +246,22 @@ def test_local_runner_cli_saves_outputs_and_reports_bad_input_in_one_line(tmp_pa
                          text=True, timeout=120, cwd=tmp_path)
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1] == "error: steps fails constraint <= 10"
+
+
+def test_local_runner_trains_data_parallel_and_saves_one_tar(tmp_path):
+    """The README's multi-GPU command, on CPU: two processes (torchrun, what `accelerate launch` runs) train one
+    model; only the main process saves and prints the tar."""
+    photos = demo_photos.write_photo_zip(tmp_path / "photos.zip")
+    env = {**os.environ, "SDXL_MODEL": "tiny", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+         str(ROOT / "cog_local.py"), "train", "-i", f"input_images=@{photos}", "-i", "resolution=64",
+         "-i", "train_batch_size=1", "-i", "max_train_steps=2", "-i", "validation_prompts=", "-i", "captioning_model=",
+         "-i", "verbose=false", "-o", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tar_path = tmp_path / "out" / "trained_model.tar"
+    assert result.stdout.strip() == f"weights: {tar_path}"
+    with tarfile.open(tar_path) as tar:
+        config = json.load(tar.extractfile("training_config.json"))
+    assert config["num_processes"] == 2

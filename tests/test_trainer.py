@@ -13,13 +13,13 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 import base_model
-from trainer import SettingsError, Trainer, TrainingSettings, plan_training
+from trainer import SettingsError, Trainer, TrainingSettings, _epoch_batches, plan_training
 from training_fixtures import SIZE, single_torch_thread, write_dataset_folder, write_plain_folder
 
 CAPTIONS = ["a photo of TOK", "TOK sitting on a table", "a close up photo of TOK", "TOK in the forest"]
 BROAD_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                  "conv2", "conv_in", "conv_out")
-# Measured with this test's settings (seed 7, 40 steps): loss 1.287 before, 0.584 after (ratio 0.45). Required: < 0.7.
+# Measured with this test's settings (seed 7, 40 steps): loss 1.287 before, 0.556 after (ratio 0.431). Required: < 0.7.
 LEARNING_MAX_RATIO = 0.7
 
 
@@ -146,7 +146,18 @@ def test_the_model_learns_the_concept(dataset, tmp_path):
     assert after < LEARNING_MAX_RATIO * before
 
 
-def test_full_finetune_with_prior_preservation_and_every_option(dataset, tmp_path):
+def test_batches_hold_one_bucket_each_and_cover_every_image_per_epoch():
+    sizes = ((8, 8),) * 5 + ((8, 12),) * 3
+    batches = _epoch_batches(0, 0, sizes, 2)
+    assert len(batches) == 3 + 2
+    assert all(len(b) == 2 and len({sizes[i] for i in b}) == 1 for b in batches)
+    assert {i for b in batches for i in b} == set(range(8))
+    assert _epoch_batches(0, 1, sizes, 2) != batches  # reshuffled every epoch
+
+
+def test_full_finetune_with_buckets_prior_preservation_and_every_option(tmp_path):
+    """Mixed image sizes (buckets) next to square class images, and every optional loss/data feature at once."""
+    dataset = write_dataset_folder(tmp_path / "dataset", CAPTIONS, widths=[64, 96, 64, 96])
     class_dir = tmp_path / "class"
     settings = make_settings(
         dataset, tmp_path / "out", is_lora=False, unet_learning_rate=1e-4, max_train_steps=3, ti_frac=0.34,

@@ -13,36 +13,41 @@ HEADER = ["image_file", "mask_file", "caption", "original_width", "original_heig
           "width", "height"]
 
 
-def concept_image(index: int, size: int = SIZE) -> Image.Image:
+def concept_image(index: int, size: int = SIZE, width: int | None = None) -> Image.Image:
     """A coloured background with a textured square in the middle: the 'concept' the masks point at."""
     rng = np.random.default_rng(index)
-    pixels = np.full((size, size, 3), 40 * (index % 4), np.uint8)
+    width = width or size
+    pixels = np.full((size, width, 3), 40 * (index % 4), np.uint8)
     pixels[..., index % 3] = 200
-    quarter = size // 4
-    pixels[quarter:-quarter, quarter:-quarter] = rng.integers(0, 255, (size - 2 * quarter, size - 2 * quarter, 3))
+    top, left = size // 4, (width - size // 2) // 2
+    pixels[top:top + size // 2, left:left + size // 2] = rng.integers(0, 255, (size // 2, size // 2, 3))
     return Image.fromarray(pixels)
 
 
-def centre_mask(size: int = SIZE, floor: int = 25) -> Image.Image:
-    mask = np.full((size, size), floor, np.uint8)
-    quarter = size // 4
-    mask[quarter:-quarter, quarter:-quarter] = 255
+def centre_mask(size: int = SIZE, floor: int = 25, width: int | None = None) -> Image.Image:
+    width = width or size
+    mask = np.full((size, width), floor, np.uint8)
+    top, left = size // 4, (width - size // 2) // 2
+    mask[top:top + size // 2, left:left + size // 2] = 255
     return Image.fromarray(mask, mode="L")
 
 
-def write_dataset_folder(folder: Path, captions: list[str], with_masks: bool = True) -> Path:
-    """A dataset folder as preprocessing writes it: images/, masks/, captions.csv."""
+def write_dataset_folder(folder: Path, captions: list[str], with_masks: bool = True,
+                         widths: list[int] | None = None) -> Path:
+    """A dataset folder as preprocessing writes it: images/, masks/, captions.csv (``widths``: per-image widths,
+    as bucketing makes them; default square)."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
     (folder / "masks").mkdir(exist_ok=True)
     rows = []
     for index, caption in enumerate(captions):
         image_file = f"images/{index:03d}.png"
-        concept_image(index).save(folder / image_file)
+        width = widths[index] if widths else SIZE
+        concept_image(index, width=width).save(folder / image_file)
         mask_file = ""
         if with_masks:
             mask_file = f"masks/{index:03d}.png"
-            centre_mask().save(folder / mask_file)
-        rows.append([image_file, mask_file, caption, 640 + index, 480, 3 * index, 5, SIZE, SIZE])
+            centre_mask(width=width).save(folder / mask_file)
+        rows.append([image_file, mask_file, caption, 640 + index, 480, 3 * index, 5, width, SIZE])
     with (folder / "captions.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(HEADER)
