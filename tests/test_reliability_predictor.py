@@ -45,6 +45,8 @@ from predict import Predictor
 from weights_fixtures import one_torch_thread  # noqa: F401  (autouse: one torch thread, as the references)
 from weights_fixtures import tiny_unet, write_cog_sdxl_tar, write_trained_tar
 
+pytestmark = pytest.mark.filterwarnings("ignore:Adapter .* was active which is now deleted")  # LRU adapter eviction
+
 ROOT = Path(__file__).resolve().parents[1]
 SOAK_REQUESTS = int(os.environ.get("SOAK_REQUESTS", "300"))
 MAX_LOADED_ADAPTERS = 2
@@ -394,6 +396,8 @@ def test_two_requests_at_once_queue_or_are_refused_and_neither_gets_the_others_w
         responses = {"a": first.result(), "b": second.result()}
     assert responses["a"].status_code == 200, responses["a"].text
     assert responses["b"].status_code in (200, 409), responses["b"].text
+    print(f"\ntwo requests at once: A {responses['a'].status_code}, B {responses['b'].status_code} "
+          f"({'queued' if responses['b'].status_code == 200 else 'refused while A ran, then served'})")
     if responses["b"].status_code == 409:  # refused cleanly while A ran: it is served once the slot is free
         responses["b"] = cog_predict_server.post("/predictions", {"input": {**FAST, "replicate_weights": b}})
     reference = references()
