@@ -38,24 +38,24 @@ class TrainingOutput(BaseModel):
 
 def train(
     input_images: Path = Input(description="A .zip or .tar file (or folder) of the images to fine-tune on; "
-                               "captions may come as <image>.txt files or a captions.csv/jsonl next to them"),
+                               "captions may come as <image>.txt files or a caption.csv (image_file,caption) beside them"),
     seed: Optional[int] = Input(description="Random seed for reproducible training. Leave empty to use a random seed",
                                 default=None),
     resolution: int = Input(description="Square pixel resolution which your images will be resized to for training",
-                            default=768),
-    train_batch_size: int = Input(description="Batch size (per device) for training", default=4),
-    num_train_epochs: int = Input(description="Number of epochs to loop through your training dataset", default=4000),
+                            default=768, ge=64, le=4096),
+    train_batch_size: int = Input(description="Batch size (per device) for training", default=4, ge=1),
+    num_train_epochs: int = Input(description="Number of epochs to loop through your training dataset", default=4000, ge=1),
     max_train_steps: int = Input(description="Number of individual training steps. Takes precedence over "
-                                 "num_train_epochs", default=1000),
+                                 "num_train_epochs", default=1000, ge=1),
     is_lora: bool = Input(description="Whether to use LoRA training. If set to False, will use Full fine tuning",
                           default=True),
     unet_learning_rate: float = Input(description="Learning rate for the U-Net (full fine-tune). We recommend "
-                                      "1e-6 to 1e-5.", default=1e-6),
-    ti_lr: float = Input(description="Learning rate for the new-token (textual inversion) embeddings", default=3e-4),
-    lora_lr: float = Input(description="Learning rate for the LoRA weights", default=1e-4),
-    lora_rank: int = Input(description="Rank of the LoRA", default=32),
+                                      "1e-6 to 1e-5.", default=1e-6, ge=0.0),
+    ti_lr: float = Input(description="Learning rate for the new-token (textual inversion) embeddings", default=3e-4, ge=0.0),
+    lora_lr: float = Input(description="Learning rate for the LoRA weights", default=1e-4, ge=0.0),
+    lora_rank: int = Input(description="Rank of the LoRA", default=32, ge=1, le=1024),
     lr_scheduler: str = Input(description="Learning rate scheduler", default="constant", choices=list(SCHEDULERS)),
-    lr_warmup_steps: int = Input(description="Number of warmup steps for the learning-rate schedule", default=100),
+    lr_warmup_steps: int = Input(description="Number of warmup steps for the learning-rate schedule", default=100, ge=0),
     token_string: str = Input(description="A unique word that will be trained to refer to the concept in the input "
                               "images (TOK works well). Several concepts: TOK:2,STY:1 (word:number of new tokens)",
                               default="TOK"),
@@ -69,10 +69,10 @@ def train(
     use_face_detection_instead: bool = Input(description="Mask faces (face detection) instead of CLIPSeg prompts; "
                                              "recommended for people", default=False),
     clipseg_temperature: float = Input(description="How blurry the CLIPSeg mask is (0.5 to 1.0 recommended)",
-                                       default=1.0),
+                                       default=1.0, ge=0.01),
     verbose: bool = Input(description="verbose output (progress bars)", default=True),
     checkpointing_steps: int = Input(description="Steps between resumable checkpoints and validation samples "
-                                     "(a very high number disables them)", default=999999),
+                                     "(a very high number disables them)", default=999999, ge=1),
     input_images_filetype: str = Input(description="Filetype of input_images: zip, tar, or infer (the content "
                                        "decides)", default="infer", choices=["zip", "tar", "infer"]),
     # ---- options beyond replicate/cog-sdxl
@@ -134,6 +134,7 @@ def train(
         tar_path = work / TAR_NAME
         if PartialState().is_main_process:  # under `accelerate launch` only the main process writes the artifact
             with failures.stage(f"writing {TAR_NAME}"):
+                _add_dataset_preview(settings.dataset_dir, result.output_dir)
                 export.pack_tar(result.output_dir, tar_path)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)  # a failed run leaves nothing behind
@@ -193,6 +194,13 @@ def _training_settings(args: dict, work: PlainPath) -> TrainingSettings:
         validation_num_inference_steps=args["validation_num_inference_steps"],
         show_progress=args["verbose"],
     )
+
+
+def _add_dataset_preview(dataset_dir: PlainPath, output_dir: PlainPath) -> None:
+    """The contact sheet of what the model learned from goes into the tar beside the weights."""
+    preview = dataset_dir / "preview.png"
+    if preview.is_file():
+        shutil.copy2(preview, output_dir / "preview.png")
 
 
 def _plain(value):

@@ -53,6 +53,7 @@ class BenchSettings:
     gradient_checkpointing: str
     compile_unet: bool
     dataset: Path | None
+    threads: int | None
 
 
 def parse_args(argv: list[str] | None = None) -> BenchSettings:
@@ -71,10 +72,12 @@ def parse_args(argv: list[str] | None = None) -> BenchSettings:
     parser.add_argument("--gradient-checkpointing", default="auto", choices=("auto", "on", "off"))
     parser.add_argument("--compile-unet", action="store_true", help="torch.compile the UNet")
     parser.add_argument("--dataset", type=Path, default=None, help="image folder (default: synthetic images)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is steadier on a busy machine)")
     a = parser.parse_args(argv)
     return BenchSettings(a.model, a.device, a.precision, a.resolution, a.steps, a.batch_size, a.rank,
                          a.num_new_tokens, a.ti_frac, a.num_images, a.sample_steps, a.gradient_checkpointing,
-                         a.compile_unet, a.dataset)
+                         a.compile_unet, a.dataset, a.threads)
 
 
 def write_synthetic_images(folder: Path, count: int, size: int) -> Path:
@@ -208,6 +211,8 @@ def _checkpointing_on(unet) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     bench = parse_args(argv)
+    if bench.threads is not None:
+        torch.set_num_threads(bench.threads)
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         records, times, trainer = run_job(bench, Path(tmp))
         if trainer.accelerator.is_main_process:

@@ -10,5 +10,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("COG_SDXL_CACHE", str(ROOT / ".cache"))
 os.environ.setdefault("SDXL_MODEL", "tiny")
+# One torch thread: the tiny models are too small to gain from two, and a fixed count keeps results bit-identical
+# between the test process and the subprocesses it compares against. Set before torch is imported anywhere.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(1)

@@ -3,6 +3,9 @@ bound, and leaves nothing in the weights cache; a good download into the same ca
 
 from __future__ import annotations
 
+import gzip
+import io
+import tarfile
 import time
 from pathlib import Path
 
@@ -81,3 +84,21 @@ def test_a_connection_dropped_once_resumes_with_range_and_the_cache_still_works(
     assert ranges[0] is None and ranges[1].startswith("bytes="), ranges
     assert wm.read_trained_weights(folder).lora is not None
     assert [entry.path for entry in cache.entries()] == [folder]
+
+
+def test_a_compressed_tar_cannot_push_the_cache_over_its_budget(tmp_path):
+    """The budget is checked against what the tar extracts to, not what it weighs compressed."""
+    files = {"pytorch_lora_weights.safetensors": bytes(900 * 1024), "special_params.json": b"{}"}
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    packed = tmp_path / "weights.tar.gz"
+    packed.write_bytes(gzip.compress(raw.getvalue()))
+    assert packed.stat().st_size < 10 * 1024
+    cache = wc.WeightsCache(settings(tmp_path / "cache", max_cache_bytes=500 * 1024))
+    with pytest.raises(wc.WeightsError, match="no room"):
+        cache.ensure(str(packed))
+    assert cache.entries() == [] and list(cache.root.iterdir()) == []

@@ -50,7 +50,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Adapter .* was active which is n
 ROOT = Path(__file__).resolve().parents[1]
 SOAK_REQUESTS = int(os.environ.get("SOAK_REQUESTS", "300"))
 MAX_LOADED_ADAPTERS = 2
-RSS_GROWTH_BOUND = 150 * 1024**2  # after warm-up; a leak of one adapter or pipeline copy per request exceeds it
+RSS_GROWTH_BOUND = 64 * 1024**2  # after warm-up (measured: +5 MiB over 300 requests)
 FAST = dict(width=64, height=64, num_inference_steps=1, seed=11, output_format="png", prompt="a photo of TOK",
             apply_watermark=False)
 PREDICT_DEFAULTS = {name: param.default.default for name, param in inspect.signature(Predictor.predict).parameters.items()
@@ -171,7 +171,8 @@ def bad_sources(tars: dict[str, Path], server: MisbehavingServer) -> list[Reques
     return requests_
 
 
-CANCEL_POINTS = ("after extraction", "after the adapter loaded", "after the tokens were set", "during download")
+CANCEL_POINTS = ("after extraction", "after the adapter loaded", "after the tokens were set", "during download",
+                 "during generation")
 
 
 class Soak:
@@ -237,9 +238,10 @@ class Soak:
         finally:
             undo()
         self.outcomes[f"cancelled {point}"] += 1
-        live = self.manager.live
-        assert live.active is None and self.manager.active is None, "a cancelled load leaves the base model active"
-        assert [len(t) for t in self.manager.tokenizers()] == list(live.tokens.base_vocab.values())
+        if point != "during generation":  # (a cancelled generation leaves its fully loaded weights active)
+            live = self.manager.live
+            assert live.active is None and self.manager.active is None, "a cancelled load leaves the base active"
+            assert [len(t) for t in self.manager.tokenizers()] == list(live.tokens.base_vocab.values())
 
     def _inject_interrupt(self, point: str):
         live = self.manager.live
@@ -247,6 +249,11 @@ class Soak:
             timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
             timer.start()
             return timer.join
+        if point == "during generation":
+            def interrupt(module, args):
+                raise KeyboardInterrupt
+
+            return live.unet.register_forward_pre_hook(interrupt).remove
         targets = {"after extraction": (weights_cache, "safe_extract"),
                    "after the adapter loaded": (live.unet, "load_lora_adapter"),
                    "after the tokens were set": (live.tokens, "activate")}

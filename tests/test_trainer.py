@@ -234,6 +234,7 @@ def test_train_turns_a_zip_of_photos_into_the_tar(tmp_path):
     with tarfile.open(tar_path) as tar:
         names = set(tar.getnames())
     assert {"pytorch_lora_weights.safetensors", "embeddings.safetensors", "trained_model.safetensors",
-            "special_params.json", "training_config.json", "README.md", "loss.png", "samples/final-0.png"} <= names
+            "special_params.json", "training_config.json", "README.md", "loss.png", "samples/final-0.png",
+            "preview.png"} <= names
     assert any(n.startswith("logs/") for n in names)
     assert sorted(p.name for p in tar_path.parent.iterdir()) == ["trained_model.tar"]  # work files cleaned up
