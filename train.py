@@ -150,6 +150,7 @@ def train(
 def _training_settings(args: dict, work: PlainPath) -> TrainingSettings:
     seed = args["seed"] if args["seed"] is not None else int.from_bytes(os.urandom(2), "big")
     return TrainingSettings(
+        inputs={name: str(value) if isinstance(value, PlainPath) else value for name, value in args.items()},
         dataset_dir=work / "dataset",
         output_dir=work / "trained_model",
         checkpoint_dir=work / "checkpoints",

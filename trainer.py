@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import math
 import random
-import sys
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -68,6 +67,7 @@ class TrainingSettings:
     output_dir: Path  # artifact folder (weights, samples/, logs/, loss.png): everything in it goes into the tar
     checkpoint_dir: Path | None = None  # None: <output_dir>-checkpoints, next to the artifact folder
     base_model: str | None = None  # None: env SDXL_MODEL
+    inputs: dict | None = None  # the caller's own inputs (train() arguments), recorded in training_config.json
     precision: str = "auto"  # base_model.pick_runtime
     device: str | None = None
     seed: int = 42
@@ -636,10 +636,7 @@ class Trainer:
         return SummaryWriter(log_dir=str(self.output_dir / "logs"))
 
     def training_config(self) -> dict:
-        import diffusers
-        import peft
-        import transformers
-
+        """Every setting and what it implied; export adds the library versions."""
         return {
             "settings": self.settings.as_config(),
             "base_model": base_model.model_spec(self.settings.base_model),
@@ -648,9 +645,6 @@ class Trainer:
             "pivot_step": self.plan.pivot_step,
             "num_processes": self.accelerator.num_processes,
             "special_params": special_params(self.plan.triggers),
-            "versions": {"python": sys.version.split()[0], "torch": torch.__version__,
-                         "diffusers": diffusers.__version__, "transformers": transformers.__version__,
-                         "peft": peft.__version__},
         }
 
     def export(self) -> TrainingResult:

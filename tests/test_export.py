@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-from pathlib import Path
 
 import diffusers
 import numpy as np
