@@ -131,7 +131,8 @@ INVALID = [
     ("predict", "scheduler", "NO_SUCH_SCHEDULER", "is not one of"),
     ("predict", "num_outputs", 0, "less than the minimum"),
     ("train", "max_train_steps", "many", "is not of type"),
-    ("train", "resolution", 1.5, "is not of type"),
+    ("train", "resolution", 512.5, "is not of type"),
+    ("train", "lora_rank", 0, "less than the minimum"),
 ]
 
 

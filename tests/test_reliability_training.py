@@ -301,7 +301,8 @@ def test_a_successful_run_still_returns_its_tar(photos_zip, work_root):
 @pytest.mark.parametrize(("case", "inputs", "expected"), [
     ("corrupt archive", {"input_images": "@garbage"}, r"not a zip or tar"),
     ("no images", {"input_images": "@notes"}, r"no images"),
-    ("rank zero", {"lora_rank": "0"}, r"lora_rank must be at least 1"),
+    ("rank zero", {"lora_rank": "0"}, r"lora_rank (must be at least 1|fails constraint >= 1)"),
+    ("no LoRA targets", {"lora_target_modules": ","}, r"lora_target_modules is empty"),
     ("trigger absent", {"caption_prefix": "a photo of something"}, r"trigger word 'TOK' appears in no caption"),
     ("diverging", {"lora_lr": "1e30", "ti_lr": "1e30", "max_train_steps": "4"}, r"step \d: .*not finite"),
 ])
