@@ -52,12 +52,27 @@ def save_checkpoint(root: Path, checkpoint: Checkpoint) -> Path:
         state = {"step": checkpoint.step, "optimizer": optimizer_rest, "scheduler": checkpoint.scheduler_state,
                  "loss_history": checkpoint.loss_history}
         (staging / "state.json").write_text(json.dumps(state))
-        if final.exists():
-            shutil.rmtree(final)
+        _fsync_folder(staging, with_files=True)  # on disk before the rename publishes it (a preempted VM loses caches)
+        retired = staging.with_name(staging.name + ".old")
+        if final.exists():  # replaced by two renames: a crash between them leaves no half-deleted checkpoint
+            os.rename(final, retired)
         os.rename(staging, final)
+        _fsync_folder(root)
+        shutil.rmtree(retired, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return final
+
+
+def _fsync_folder(folder: Path, with_files: bool = False) -> None:
+    for path in sorted(folder.iterdir()) if with_files else []:
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def load_checkpoint(folder: Path) -> Checkpoint:

@@ -97,21 +97,24 @@ def replace_trigger_words(caption: str, triggers: list[TriggerWord]) -> str:
 
 
 class TokenEmbeddingsHandler:
-    """The new tokens in both tokenizers and text encoders: add, initialise, keep the other rows frozen, export.
+    """The new tokens in both tokenizers and text encoders: add, initialise, train, export.
 
-    The whole embedding table is the trainable parameter (as in replicate/cog-sdxl); after every optimizer step
-    :meth:`retract_embeddings` writes the frozen rows back bit-identically and renormalises the new rows' std.
+    Only the new rows train. Each encoder gets a float32 parameter of its new rows ([n, d], in :attr:`rows`) that
+    a forward hook on its token-embedding module substitutes for the lookups of the new ids, so gradients reach
+    those rows alone: no dense [vocab, d] gradient or optimizer state, and the table (in the encoder's dtype) is
+    never written except for the new rows, which :meth:`retract_embeddings` copies in after every optimizer step
+    (after renormalising their std, as cog-sdxl does). Every other row stays bit-identical by construction.
     """
 
     def __init__(self, text_encoders: list[torch.nn.Module], tokenizers: list):
         self.text_encoders = text_encoders
         self.tokenizers = tokenizers
         self.tokens: list[str] = []
-        self.token_ids: list[torch.Tensor] = []  # per encoder, ids of the new rows
-        self.original_tables: list[torch.Tensor] = []  # per encoder, the table before training (frozen rows)
+        self.token_ids: list[torch.Tensor] = []  # per encoder, ids of the new rows (consecutive)
+        self.rows: list[torch.nn.Parameter] = []  # per encoder, the new rows in float32: what trains
         self.table_stds: list[float] = []
 
-    def tables(self) -> list[torch.nn.Parameter]:
+    def tables(self) -> list[torch.Tensor]:
         return [enc.get_input_embeddings().weight for enc in self.text_encoders]
 
     def add_tokens(self, tokens: list[str], init_word: str | None = None, generator: torch.Generator | None = None):
@@ -124,15 +127,32 @@ class TokenEmbeddingsHandler:
             tokenizer.add_tokens(tokens)
             ids = torch.tensor(tokenizer.convert_tokens_to_ids(tokens))
             encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-            table = encoder.get_input_embeddings().weight
+            table = encoder.get_input_embeddings().weight.requires_grad_(False)
+            if ids.tolist() != list(range(table.shape[0] - len(tokens), table.shape[0])):
+                raise RuntimeError(f"new tokens got ids {ids.tolist()}, not the last rows of a {table.shape[0]}-row table")
             with torch.no_grad():
                 old_rows = torch.ones(table.shape[0], dtype=torch.bool)
                 old_rows[ids] = False
                 std = table[old_rows].float().std().item()
-                table[ids] = self._initial_rows(tokenizer, table, ids, std, init_word, generator).to(table.dtype)
+                initial = self._initial_rows(tokenizer, table, ids, std, init_word, generator)
+                table[ids.to(table.device)] = initial.to(table.device, table.dtype)
             self.token_ids.append(ids)
             self.table_stds.append(std)
-            self.original_tables.append(table.detach().clone())
+            self.rows.append(torch.nn.Parameter(initial.float().to(table.device), requires_grad=False))
+            encoder.get_input_embeddings().register_forward_hook(self._substitution_hook(len(self.rows) - 1))
+
+    def _substitution_hook(self, index: int):
+        """Forward hook of encoder ``index``'s token embedding: the new ids' outputs come from ``rows[index]``."""
+
+        first = int(self.token_ids[index][0])
+
+        def substitute(module, args, output):
+            input_ids, rows = args[0], self.rows[index]
+            is_new = (input_ids >= first).unsqueeze(-1)
+            from_rows = rows[(input_ids - first).clamp(0, len(rows) - 1)].to(output.dtype)
+            return torch.where(is_new, from_rows, output)  # no branch on the data: no host-device sync
+
+        return substitute
 
     @staticmethod
     def _initial_rows(tokenizer, table, ids, std, init_word, generator) -> torch.Tensor:
@@ -142,36 +162,36 @@ class TokenEmbeddingsHandler:
         word_ids = tokenizer(init_word, add_special_tokens=False).input_ids
         if not word_ids:
             raise DatasetError(f"token_init_word {init_word!r} tokenizes to nothing; pick a real word")
-        return table[torch.tensor(word_ids)].float().mean(dim=0, keepdim=True).expand(len(ids), -1).clone()
+        return table[torch.tensor(word_ids)].float().mean(dim=0, keepdim=True).expand(len(ids), -1).clone().cpu()
 
     def set_trainable(self, trainable: bool) -> None:
-        for table in self.tables():
-            table.requires_grad_(trainable)
+        for rows in self.rows:
+            rows.requires_grad_(trainable)
             if not trainable:
-                table.grad = None
+                rows.grad = None
 
     @torch.no_grad()
     def retract_embeddings(self) -> None:
-        """Restore every frozen row exactly and pull the new rows' std gently towards the table's std."""
-        for table, original, ids, std in zip(self.tables(), self.original_tables, self.token_ids, self.table_stds):
-            new_rows = table[ids].clone()
-            keep = torch.ones(table.shape[0], dtype=torch.bool, device=table.device)
-            keep[ids.to(table.device)] = False
-            table[keep] = original.to(table.device)[keep]
-            off_ratio = std / new_rows.float().std().clamp_min(1e-12)
-            table[ids] = (new_rows.float() * off_ratio**0.1).to(table.dtype)
+        """Pull the new rows' std gently towards the table's std and copy them into the tables."""
+        for rows, std in zip(self.rows, self.table_stds):
+            off_ratio = std / rows.std().clamp_min(1e-12)
+            rows.mul_(off_ratio**0.1)
+        self._write_rows_to_tables()
+
+    @torch.no_grad()
+    def _write_rows_to_tables(self) -> None:
+        for table, ids, rows in zip(self.tables(), self.token_ids, self.rows):
+            table[ids.to(table.device)] = rows.to(table.dtype)
 
     def embeddings(self) -> dict[str, torch.Tensor]:
         """``{"clip_l": [n, d1], "clip_g": [n, d2]}``, rows in token order, float32 on CPU."""
-        return {
-            key: table[ids.to(table.device)].detach().float().cpu().contiguous()
-            for key, table, ids in zip(ENCODER_KEYS, self.tables(), self.token_ids)
-        }
+        return {key: rows.detach().float().cpu().contiguous() for key, rows in zip(ENCODER_KEYS, self.rows)}
 
     @torch.no_grad()
     def load_embeddings(self, embeddings: dict[str, torch.Tensor]) -> None:
-        for key, table, ids in zip(ENCODER_KEYS, self.tables(), self.token_ids):
-            table[ids.to(table.device)] = embeddings[key].to(table.device, table.dtype)
+        for key, rows in zip(ENCODER_KEYS, self.rows):
+            rows.copy_(embeddings[key].to(rows.device, rows.dtype))
+        self._write_rows_to_tables()
 
     def save(self, path: Path) -> None:
         save_file(self.embeddings(), str(path))
@@ -356,9 +376,11 @@ class CachedDataset:
             cached.append(CachedItem(
                 latents=latents,
                 flipped_latents=flipped,
-                mask=mask_to_latent_tensor(item.mask_path, (height, width), (height // factor, width // factor)),
+                mask=mask_to_latent_tensor(item.mask_path, (height, width),
+                                           (height // factor, width // factor)).to(device),
                 caption=replace_trigger_words(item.caption, triggers),
-                time_ids=torch.tensor([*item.original_size, *item.crop_top_left, height, width], dtype=torch.float32),
+                time_ids=torch.tensor([*item.original_size, *item.crop_top_left, height, width],
+                                      dtype=torch.float32, device=device),
             ))
         return cls(cached)
 
@@ -380,4 +402,4 @@ class CachedDataset:
 
 def _encode(vae, pixels: torch.Tensor) -> torch.Tensor:
     latents = vae.encode(pixels).latent_dist.mean
-    return (latents * vae.config.scaling_factor)[0].float().cpu()
+    return (latents * vae.config.scaling_factor)[0].float()  # stays on the training device

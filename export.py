@@ -6,9 +6,11 @@ half-written artifact under its final name. Key layouts come from :mod:`lora_for
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import platform
+import shutil
 import tarfile
 import tempfile
 from collections.abc import Callable
@@ -400,6 +402,12 @@ def pack_tar(out_dir: Path, tar_path: Path) -> Path:
         raise ExportError(f"cannot write {tar_path}: its folder does not exist") from None
     except PermissionError:
         raise ExportError(f"cannot write {tar_path}: permission denied") from None
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        free = shutil.disk_usage(tar_path.parent).free
+        raise ExportError(f"cannot write {tar_path}: out of disk space (the tar needs about {total} bytes, "
+                          f"{free} are free there); free some disk space") from error
     return tar_path
 
 

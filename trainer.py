@@ -96,7 +96,8 @@ class TrainingSettings:
     lora_dropout: float = 0.0
     lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
     use_dora: bool = False
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | None = None  # None: switched on when a step would not fit in free memory
+    compile_unet: bool = False  # torch.compile the UNet's training forward (minutes of compilation: long GPU runs)
     # optimizer and schedule
     optimizer: str = "adamw"  # adamw | prodigy | adamw8bit
     prodigy_d_coef: float = 1.0
@@ -273,6 +274,8 @@ class Trainer:
         runtime = base_model.pick_runtime(settings.precision, settings.device)
         check_optimizer_available(settings.optimizer, runtime.device)
         accelerator = Accelerator(cpu=runtime.device.type == "cpu")
+        if accelerator.num_processes > 1:
+            settings = dataclasses.replace(settings, seed=_main_process_seed(settings.seed))
         plan = plan_training(settings, accelerator.num_processes)
         if accelerator.num_processes > 1:
             runtime = dataclasses.replace(runtime, device=accelerator.device)
@@ -290,7 +293,7 @@ class Trainer:
             self._generate_class_images()
         self.text_encoders = [pipe.text_encoder, pipe.text_encoder_2]
         for encoder in self.text_encoders:
-            encoder.to(dtype=torch.float32).eval().requires_grad_(False)
+            encoder.to(dtype=self.runtime.dtype).eval().requires_grad_(False)  # frozen; the new rows train in fp32
         pipe.vae.requires_grad_(False)
         if pipe.vae.dtype != self.runtime.vae_dtype:
             pipe.vae.to(dtype=self.runtime.vae_dtype)
@@ -319,6 +322,8 @@ class Trainer:
 
     def _prepare_unet(self) -> None:
         s, unet = self.settings, self.pipe.unet
+        if unet.dtype != self.runtime.dtype:
+            unet.to(dtype=self.runtime.dtype)  # frozen weights in the compute dtype: no per-step casts
         unet.requires_grad_(False)
         if s.is_lora:
             from peft import LoraConfig
@@ -331,19 +336,35 @@ class Trainer:
         for param in unet.parameters():
             if param.requires_grad:
                 param.data = param.data.float()  # train in float32; autocast handles the half-precision maths
-        if s.gradient_checkpointing:
+        unet.train()
+        if self._use_gradient_checkpointing(unet):
             unet.enable_gradient_checkpointing()
             for encoder in self.text_encoders:
                 encoder.gradient_checkpointing_enable()
-        unet.train()
         self.unet = unet
         self.unet_for_training = self.accelerator.prepare_model(unet)
+        if s.compile_unet:  # the training forward only: samples use the eager UNet and cause no recompilation
+            self.unet_for_training = torch.compile(self.unet_for_training)
+
+    def _use_gradient_checkpointing(self, unet) -> bool:
+        if self.settings.gradient_checkpointing is not None:
+            return self.settings.gradient_checkpointing
+        from memory_fit import needs_gradient_checkpointing
+
+        instances = 2 if self.class_dataset is not None else 1  # prior preservation doubles the batch
+        text_width = sum(encoder.config.hidden_size for encoder in self.text_encoders)
+        return needs_gradient_checkpointing(
+            unet, batch_size=self.settings.train_batch_size * instances,
+            latent_size=tuple(self.dataset.items[0].latents.shape[-2:]),
+            text_shape=(self.pipe.tokenizer.model_max_length, text_width),
+            pooled_dim=self.text_encoders[1].config.projection_dim, device=self.runtime.device,
+            autocast=self.runtime.autocast())
 
     def _build_optimizer(self) -> None:
         s = self.settings
         unet_params = [p for p in self.unet.parameters() if p.requires_grad]
         self.embeddings.set_trainable(True)
-        groups = [ParamGroup("embeddings", self.embeddings.tables(), s.ti_lr, s.ti_weight_decay)]
+        groups = [ParamGroup("embeddings", self.embeddings.rows, s.ti_lr, s.ti_weight_decay)]
         if s.is_lora:
             groups.append(ParamGroup("lora", unet_params, s.lora_lr, s.lora_weight_decay))
         else:
@@ -365,8 +386,9 @@ class Trainer:
         if self.accelerator.is_main_process:
             for index in tqdm(range(missing), desc="class images", disable=not s.show_progress):
                 generator = torch.Generator(self.runtime.device).manual_seed(s.seed + index)
-                image = self.pipe(s.class_prompt, height=s.resolution, width=s.resolution, generator=generator,
-                                  num_inference_steps=s.validation_num_inference_steps).images[0]
+                with self.runtime.autocast():  # frozen weights may be half precision
+                    image = self.pipe(s.class_prompt, height=s.resolution, width=s.resolution, generator=generator,
+                                      num_inference_steps=s.validation_num_inference_steps).images[0]
                 target = folder / f"class-{len(self.plan.class_items) + index:04d}.png"
                 staging = target.with_name(f".{target.name}.tmp.png")
                 image.save(staging)
@@ -430,8 +452,10 @@ class Trainer:
             if self.accelerator.num_processes > 1:
                 total = self.accelerator.reduce(torch.tensor(total, device=self.runtime.device), "mean").item()
                 if self.training_embeddings:
-                    for table in self.embeddings.tables():
-                        table.grad = self.accelerator.reduce(table.grad, reduction="mean")
+                    for rows in self.embeddings.rows:
+                        if rows.grad is None:  # no new token in this process's captions (caption dropout)
+                            rows.grad = torch.zeros_like(rows)
+                        rows.grad = self.accelerator.reduce(rows.grad, reduction="mean")
             params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm or math.inf)
             check_finite(self.step + 1, total, float(grad_norm), self._learning_rates(),
@@ -453,7 +477,7 @@ class Trainer:
     def _memory_settings(self) -> str:
         s = self.settings
         return (f"train_batch_size={s.train_batch_size}, resolution={s.resolution}, "
-                f"gradient_checkpointing={str(s.gradient_checkpointing).lower()}")
+                f"gradient_checkpointing={str(self.unet.is_gradient_checkpointing).lower()}")
 
     def _batch(self, micro: int) -> dict:
         """This process's batch for (step, micro): a pure function of seed and step, so the data order survives a
@@ -582,7 +606,7 @@ class Trainer:
         self._move_text_encoders(self.runtime.device)
         self.unet.eval()
         paths = []
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[]), self.runtime.autocast():  # frozen weights may be half precision
             for index, prompt in enumerate(s.validation_prompts):
                 generator = torch.Generator(self.runtime.device).manual_seed(s.seed + index)
                 image = self.pipe(replace_trigger_words(prompt, self.plan.triggers), height=height, width=width,
@@ -661,14 +685,13 @@ class Trainer:
             self.sample_images = self.render_samples("final")
             draw_loss_curve(self.loss_history, self.output_dir / "loss.png", self.plan.pivot_step)
             config = self.training_config()
-            unet_state = {k: v.detach().cpu().contiguous() for k, v in self.unet.state_dict().items()}
             export.write_weight_files(
                 self.output_dir,
                 unet_lora_state=get_peft_model_state_dict(self.unet) if s.is_lora else None,
                 lora_alpha=s.alpha if s.is_lora else None,
                 embeddings=embeddings, special_params=params, training_config=config, name=s.name,
                 unet_layout=UNetLayout.from_unet_config(self.unet.config),
-                unet_full_state=None if s.is_lora else unet_state,
+                unet_full_state=None if s.is_lora else _cpu_state(self.unet),
             )
             export.write_model_card(self.output_dir, special_params=params, base_model=config["base_model"],
                                     name=s.name, sample_images=self.sample_images, training_config=config)
@@ -706,6 +729,18 @@ def _training_noise_scheduler(scheduler):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(scheduler.config)
+
+
+def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+
+
+def _main_process_seed(seed: int) -> int:
+    """The main process's seed, for every process: a seed drawn per process (train.py's default) would give the
+    replicas different new-token rows and data orders."""
+    from accelerate.utils import broadcast_object_list
+
+    return int(broadcast_object_list([seed])[0])
 
 
 def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:

@@ -2,10 +2,11 @@
 
 A source is an http(s) URL, a ``data:`` URI, or a local tar or folder. :meth:`WeightsCache.ensure` resolves it to an
 extracted folder under ``<cache>/<sha256(source)[:16]>``. Downloads are streamed, resumed with HTTP ``Range`` after a
-dropped connection, checked against the announced size (and refused when the server sends an HTML page), and
-extracted with :func:`safe_archive.safe_extract`. Least recently used entries are evicted when free disk falls under
-a floor or the cache exceeds its byte budget; pinned entries (the weights in use) never are. A failed fetch leaves
-no entry and no partial file.
+dropped connection, checked against the announced size (and refused when the server sends an HTML page), bounded in
+time as a whole (``download_deadline_s``: a server trickling bytes cannot hold a prediction), and extracted with
+:func:`safe_archive.safe_extract`. Least recently used entries are evicted when free disk falls under a floor or the
+cache exceeds its byte budget (counted as extracted, so a compressed tar cannot overshoot it); pinned entries (the
+weights in use) never are. A failed fetch leaves no entry and no partial file.
 """
 
 from __future__ import annotations
@@ -18,8 +19,9 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,6 +59,7 @@ class WeightsSettings:
     max_download_bytes: int = 8 * GiB
     connect_timeout_s: float = 10.0
     read_timeout_s: float = 60.0
+    download_deadline_s: float = 3600.0  # a whole download, all attempts: a server trickling bytes cannot hold a call
     max_redirects: int = 5
     download_attempts: int = 3
     max_loaded_adapters: int = 4
@@ -75,6 +78,7 @@ class WeightsSettings:
             min_free_bytes=env_int("WEIGHTS_CACHE_MIN_FREE_BYTES", defaults.min_free_bytes),
             max_cache_bytes=env_int("WEIGHTS_CACHE_MAX_BYTES", defaults.max_cache_bytes),
             max_download_bytes=env_int("WEIGHTS_MAX_DOWNLOAD_BYTES", defaults.max_download_bytes),
+            download_deadline_s=float(os.environ.get("WEIGHTS_DOWNLOAD_DEADLINE_S") or defaults.download_deadline_s),
             max_loaded_adapters=env_int("WEIGHTS_MAX_LOADED_ADAPTERS", defaults.max_loaded_adapters),
         )
 
@@ -164,10 +168,11 @@ def download(url: str, dest: Path, settings: WeightsSettings, make_room: Callabl
     part.unlink(missing_ok=True)
     session = requests.Session()
     session.max_redirects = settings.max_redirects
+    deadline = time.monotonic() + settings.download_deadline_s
     try:
         for attempt in range(1, settings.download_attempts + 1):
             try:
-                _download_once(session, url, part, settings, make_room)
+                _download_once(session, url, part, settings, make_room, deadline)
                 break
             except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
                 if attempt == settings.download_attempts:
@@ -186,7 +191,7 @@ def download(url: str, dest: Path, settings: WeightsSettings, make_room: Callabl
 
 
 def _download_once(session: requests.Session, url: str, part: Path, settings: WeightsSettings,
-                   make_room: Callable[[int], None]) -> None:
+                   make_room: Callable[[int], None], deadline: float) -> None:
     offset = part.stat().st_size if part.exists() else 0
     headers = {"Range": f"bytes={offset}-", "Accept-Encoding": "identity"} if offset else \
         {"Accept-Encoding": "identity"}
@@ -202,7 +207,12 @@ def _download_once(session: requests.Session, url: str, part: Path, settings: We
         mode = "ab" if offset else "wb"
         with open(part, mode) as out, tqdm(total=info.total, initial=offset, unit="B", unit_scale=True,
                                            desc="download weights", leave=False) as bar:
-            for chunk in response.iter_content(CHUNK_BYTES):
+            for chunk in _chunks(response):
+                if time.monotonic() > deadline:
+                    raise WeightsError(f"{redact(url)}: download took longer than {settings.download_deadline_s:g} s "
+                                       f"({received} bytes received); the server is too slow")
+                if received == offset and _looks_like_html(chunk):
+                    raise WeightsError(f"{redact(url)}: server sent an HTML page, not a tar of trained weights")
                 received += len(chunk)
                 if received > (info.total or settings.max_download_bytes):
                     raise WeightsError(f"{redact(url)}: server sent more than the "
@@ -215,6 +225,27 @@ def _download_once(session: requests.Session, url: str, part: Path, settings: We
             raise WeightsError(f"{redact(url)}: received {received} bytes but the server announced {info.total}")
         if info.total is None and received == 0:
             raise WeightsError(f"{redact(url)}: server sent an empty body")
+
+
+def _chunks(response: requests.Response) -> Iterator[bytes]:
+    """The body as it arrives: each read returns what the socket has (up to CHUNK_BYTES) instead of waiting for a
+    full chunk, so a deadline is checked even while a server trickles bytes. urllib3's errors become the requests
+    errors that ``iter_content`` would raise."""
+    from urllib3.exceptions import DecodeError, ProtocolError, ReadTimeoutError
+
+    try:
+        while chunk := response.raw.read1(CHUNK_BYTES, decode_content=True):
+            yield chunk
+    except ProtocolError as error:
+        raise requests.exceptions.ChunkedEncodingError(error) from None
+    except ReadTimeoutError as error:
+        raise requests.exceptions.ConnectionError(error) from None
+    except DecodeError as error:
+        raise requests.exceptions.ContentDecodingError(error) from None
+
+
+def _looks_like_html(head: bytes) -> bool:
+    return head.lstrip()[:15].lower().startswith((b"<!doctype html", b"<html"))
 
 
 # ---------------------------------------------------------------------------------------------- disk cache
@@ -288,6 +319,10 @@ class WeightsCache:
         budget = self.settings.max_cache_bytes
         return budget is None or self.total_bytes() + incoming_bytes <= budget
 
+    def discard(self, key: str) -> None:
+        """Remove an entry (one whose files turned out unreadable: it could only fail again)."""
+        shutil.rmtree(self.root / key, ignore_errors=True)
+
     def ensure(self, source: str) -> Path:
         """The extracted folder of ``source`` (a folder is used in place), fetching it on a miss."""
         kind = source_kind(source)
@@ -316,6 +351,7 @@ class WeightsCache:
                 raise WeightsError(f"{redact(source)}: not a valid trained-weights tar ({error})") from None
             archive.unlink()
             folder = weights_folder(extracted, redact(source))
+            self.make_room(_folder_bytes(folder))  # a compressed tar extracts to more than it weighed
             entry = self.root / key
             os.rename(folder, entry)
             return entry

@@ -444,7 +444,11 @@ class WeightsManager:
             key = self._key(source)
             started = time.perf_counter()
             self.cache.pinned.add(key)
-            weights = self.live.activate(key, lambda: self._read(source, label), lora_scale, label)
+            try:
+                weights = self.live.activate(key, lambda: self._read(source, label), lora_scale, label)
+            except WeightsError:
+                self.cache.discard(key)  # weights that cannot be used would only fail again: free their room
+                raise
             logger.info("weights %s active after %.3fs", label, time.perf_counter() - started)
             self.active = ActiveWeights(key, label, dict(weights.special_params), weights.unet_full is None)
             return self.active

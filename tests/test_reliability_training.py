@@ -8,9 +8,11 @@ while the uninterrupted reference run trains in this one; the resumed runs must 
 from __future__ import annotations
 
 import errno
+import io
 import json
 import logging
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -31,6 +33,7 @@ import failures
 import train
 import trainer
 from training_fixtures import concept_image, write_dataset_folder
+from weights_fixtures import one_torch_thread  # noqa: F401  (autouse: one torch thread, as the driver processes)
 
 ROOT = Path(__file__).resolve().parents[1]
 DRIVER = Path(__file__).with_name("training_driver.py")
@@ -38,14 +41,6 @@ STEPS = 8
 CHECKPOINT_EVERY = 2
 CRASH_STEP = 4  # the crash-in-save run dies inside the save of this checkpoint
 WEIGHT_FILES = ("pytorch_lora_weights.safetensors", "embeddings.safetensors")
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")
@@ -182,6 +177,38 @@ def test_resumed_run_trained_after_the_checkpoint(interrupted_and_reference):
     assert not torch.allclose(final["embeddings.safetensors:clip_l"], checkpoint.embeddings["clip_l"])
 
 
+def _checkpoint(step: int, value: float) -> checkpoints.Checkpoint:
+    weight = torch.nn.Parameter(torch.full((4,), value))
+    optimizer = torch.optim.AdamW([weight])
+    weight.grad = torch.ones(4)
+    optimizer.step()
+    return checkpoints.Checkpoint(step=step, trainable={"w": weight.detach()}, embeddings={"clip_l": torch.zeros(1, 2)},
+                                  optimizer_state=optimizer.state_dict(), scheduler_state={}, rng=checkpoints.capture_rng(),
+                                  loss_history=[value])
+
+
+def test_a_crash_while_replacing_a_checkpoint_leaves_only_complete_ones(tmp_path, monkeypatch):
+    """Saving a step that already has a checkpoint (after resuming from an earlier one) replaces it; dying while
+    the old one is being deleted must not leave a half-deleted ``checkpoint-<step>`` for a resume to pick."""
+    root = tmp_path / "checkpoints"
+    checkpoints.save_checkpoint(root, _checkpoint(2, 2.0))
+    checkpoints.save_checkpoint(root, _checkpoint(4, 4.0))
+    rmtree = checkpoints.shutil.rmtree
+
+    def die_half_way_through_the_first_delete(path, *args, **kwargs):
+        monkeypatch.setattr(checkpoints.shutil, "rmtree", rmtree)
+        next(Path(path).iterdir()).unlink()
+        raise OSError("killed while deleting")
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", die_half_way_through_the_first_delete)
+    with pytest.raises(OSError, match="killed while deleting"):
+        checkpoints.save_checkpoint(root, _checkpoint(4, 5.0))
+    for folder in root.glob("checkpoint-*"):
+        checkpoints.load_checkpoint(folder)  # every checkpoint-<step> folder present is complete
+    latest = checkpoints.load_checkpoint(checkpoints.find_resume_checkpoint(root))
+    assert (latest.step, latest.loss_history) in ((4, [5.0]), (2, [2.0]))
+
+
 # ------------------------------------------------------------------------------------------ in-step faults
 
 
@@ -223,11 +250,8 @@ def photos_zip(tmp_path) -> Path:
     path = tmp_path / "photos.zip"
     with zipfile.ZipFile(path, "w") as archive:
         for index in range(2):
-            image = concept_image(index)
-            from io import BytesIO
-
-            buffer = BytesIO()
-            image.save(buffer, format="PNG")
+            buffer = io.BytesIO()
+            concept_image(index).save(buffer, format="PNG")
             archive.writestr(f"photo{index}.png", buffer.getvalue())
     return path
 
@@ -319,7 +343,5 @@ def test_every_failure_of_train_is_one_line_and_a_nonzero_status(photos_zip, wor
     stderr_lines = capsys.readouterr().err.strip().splitlines()
     assert status != 0
     assert stderr_lines[-1].startswith("error: ") and stderr_lines[-1].count("error:") == 1, stderr_lines[-3:]
-    import re
-
     assert re.search(expected, stderr_lines[-1]), stderr_lines[-1]
     assert list(work_root.iterdir()) == [], "a failed run leaves no work folder"
