@@ -9,6 +9,7 @@ no work folder behind.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -30,6 +31,7 @@ from trainer import DEFAULT_LORA_TARGETS, TrainingSettings, train_model
 
 
 TAR_NAME = "trained_model.tar"
+logger = logging.getLogger(__name__)
 
 
 class TrainingOutput(BaseModel):
@@ -118,6 +120,8 @@ def train(
                                     "separated by '|' (empty: none)", default="a photo of TOK"),
     validation_num_inference_steps: int = Input(description="Denoising steps of the validation samples",
                                                 default=25, ge=1),
+    resume_from: Optional[str] = Input(description="Resume an interrupted run (same inputs): a local checkpoint "
+                                       "folder, or the checkpoints folder the interrupted run logged", default=None),
 ) -> TrainingOutput:
     args = {name: _plain(value) for name, value in locals().items()}
     work = PlainPath(tempfile.mkdtemp(prefix="cog-sdxl-train-"))
@@ -153,7 +157,8 @@ def _training_settings(args: dict, work: PlainPath) -> TrainingSettings:
         inputs={name: str(value) if isinstance(value, PlainPath) else value for name, value in args.items()},
         dataset_dir=work / "dataset",
         output_dir=work / "trained_model",
-        checkpoint_dir=work / "checkpoints",
+        checkpoint_dir=_checkpoint_dir(work),
+        resume_from=PlainPath(args["resume_from"]) if args["resume_from"] else None,
         seed=seed,
         resolution=args["resolution"],
         train_batch_size=args["train_batch_size"],
@@ -195,6 +200,15 @@ def _training_settings(args: dict, work: PlainPath) -> TrainingSettings:
         validation_num_inference_steps=args["validation_num_inference_steps"],
         show_progress=args["verbose"],
     )
+
+
+def _checkpoint_dir(work: PlainPath) -> PlainPath:
+    """Checkpoints go to env ``COG_SDXL_CHECKPOINT_DIR`` (a disk that outlives the process, for resuming after a
+    preemption) or else into the run's work folder, which is removed at the end."""
+    root = os.environ.get("COG_SDXL_CHECKPOINT_DIR")
+    folder = PlainPath(root) / work.name if root else work / "checkpoints"
+    logger.info("checkpoints of this run: %s (resume with resume_from=%s)", folder, folder)
+    return folder
 
 
 def _add_dataset_preview(dataset_dir: PlainPath, output_dir: PlainPath) -> None:
