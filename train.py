@@ -115,7 +115,8 @@ def train(
                                 default=False),
     captioning_model: str = Input(description="Captioning model for images without captions (empty: "
                                   "caption_prefix only)", default=DEFAULT_CAPTIONER),
-    gradient_checkpointing: bool = Input(description="Trade compute for memory", default=False),
+    gradient_checkpointing: Optional[bool] = Input(description="Trade compute for memory; empty: on only when a "
+                                                   "training step would not fit in free memory", default=None),
     validation_prompts: str = Input(description="Prompts rendered into samples/ at checkpoints and at the end, "
                                     "separated by '|' (empty: none)", default="a photo of TOK"),
     validation_num_inference_steps: int = Input(description="Denoising steps of the validation samples",
