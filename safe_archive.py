@@ -30,7 +30,10 @@ DECLARED_TYPES = ("infer", "zip", "tar")
 
 
 class ArchiveError(ValueError):
-    """An archive was refused; the message names the member and the reason."""
+    """An archive was refused; the message names the member and the reason, on one line whatever the name holds."""
+
+    def __init__(self, message: str):
+        super().__init__("".join(c if c.isprintable() else repr(c)[1:-1] for c in message))
 
 
 @dataclass(frozen=True)
