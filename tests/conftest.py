@@ -20,5 +20,11 @@ SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 
 def pytest_configure(config):
     import torch
+    from hypothesis import settings
 
     torch.set_num_threads(1)
+    # The property and fuzz tests draw the same examples on every run, so CI is repeatable; explore further locally
+    # with HYPOTHESIS_PROFILE=explore.
+    settings.register_profile("repeatable", derandomize=True, database=None)
+    settings.register_profile("explore")
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "repeatable"))
