@@ -41,6 +41,8 @@ class Checkpoint:
 def save_checkpoint(root: Path, checkpoint: Checkpoint) -> Path:
     """Write ``root/checkpoint-<step>`` atomically and return it."""
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(f".{CHECKPOINT_PREFIX}*"):  # staging left behind by a save that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"{CHECKPOINT_PREFIX}{checkpoint.step}"
     staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:

@@ -209,6 +209,16 @@ def test_a_crash_while_replacing_a_checkpoint_leaves_only_complete_ones(tmp_path
     assert (latest.step, latest.loss_history) in ((4, [5.0]), (2, [2.0]))
 
 
+def test_staging_left_by_a_killed_save_is_swept_by_the_next_save(tmp_path):
+    root = tmp_path / "checkpoints"
+    checkpoints.save_checkpoint(root, _checkpoint(2, 2.0))
+    stale = root / ".checkpoint-4.abc123"  # what a SIGKILL in the middle of a save leaves
+    stale.mkdir()
+    (stale / "trainable.safetensors").write_bytes(b"half")
+    checkpoints.save_checkpoint(root, _checkpoint(4, 4.0))
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-2", "checkpoint-4"]
+
+
 # ------------------------------------------------------------------------------------------ in-step faults
 
 
