@@ -31,6 +31,15 @@ def render(pipe, prompt: str = PROMPT) -> np.ndarray:
                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
 
 
+def render_with_lora(pipe, source) -> np.ndarray:
+    """The image with ``source`` loaded through ``load_lora_weights``; the LoRA is unloaded again afterwards."""
+    pipe.load_lora_weights(source)
+    try:
+        return render(pipe)
+    finally:
+        pipe.unload_lora_weights()
+
+
 def train_fake_adapter(pipe, name: str, use_dora: bool) -> dict[str, torch.Tensor]:
     """A real PEFT adapter on the UNet with random non-zero lora_B (what training leaves)."""
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="gaussian",
@@ -98,11 +107,7 @@ def test_all_contract_files_are_written(exported):
 
 
 def test_diffusers_file_loads_and_unloads_exactly(pipe, exported):
-    pipe.load_lora_weights(exported["out"])
-    try:
-        loaded = render(pipe)
-    finally:
-        pipe.unload_lora_weights()
+    loaded = render_with_lora(pipe, exported["out"])
     assert not np.allclose(loaded, exported["base"], atol=1e-2)
     np.testing.assert_allclose(loaded, exported["trained"], atol=1e-5)  # alpha 8 / rank 4 kept via metadata
     assert np.array_equal(render(pipe), exported["base"])
@@ -111,11 +116,7 @@ def test_diffusers_file_loads_and_unloads_exactly(pipe, exported):
 def test_kohya_file_loads_in_diffusers_like_the_diffusers_file(pipe, exported):
     kohya = load_file(exported["out"] / "my_lora.safetensors")
     assert any(k.startswith("lora_unet_input_blocks_") for k in kohya)  # SGM names, as A1111/ComfyUI expect
-    pipe.load_lora_weights(lora_formats.kohya_file_for_diffusers(kohya, exported["layout"]))
-    try:
-        loaded = render(pipe)
-    finally:
-        pipe.unload_lora_weights()
+    loaded = render_with_lora(pipe, lora_formats.kohya_file_for_diffusers(kohya, exported["layout"]))
     np.testing.assert_allclose(loaded, exported["trained"], atol=1e-5)
     assert np.array_equal(render(pipe), exported["base"])
 
@@ -218,13 +219,8 @@ def test_dora_export_round_trip(pipe, exported, embeddings, tmp_path):
     assert all(torch.equal(back.state[k], v) for k, v in state.items())
     with safe_open(tmp_path / "trained_model.safetensors", "pt") as f:
         assert f.metadata()["ss_network_module"] == "lycoris.kohya"
-    images = []
-    for source in (tmp_path, lora_formats.kohya_file_for_diffusers(kohya, exported["layout"])):
-        pipe.load_lora_weights(source)
-        try:
-            images.append(render(pipe))
-        finally:
-            pipe.unload_lora_weights()
+    images = [render_with_lora(pipe, source)
+              for source in (tmp_path, lora_formats.kohya_file_for_diffusers(kohya, exported["layout"]))]
     np.testing.assert_allclose(images[0], trained, atol=1e-5)
     np.testing.assert_allclose(images[1], trained, atol=1e-4)
     assert np.array_equal(render(pipe), exported["base"])
@@ -339,10 +335,6 @@ def test_cog_sdxl_legacy_weights_convert_and_load_like_ours(pipe, exported, embe
     cog_embeddings = {"text_encoders_0": embeddings["clip_l"], "text_encoders_1": embeddings["clip_g"]}
     converted = lora_formats.cog_sdxl_embeddings(cog_embeddings)
     assert all(torch.equal(converted[k], embeddings[k]) for k in ("clip_l", "clip_g"))
-    pipe.load_lora_weights(lora_formats.peft_to_diffusers_dict(lora_formats.cog_sdxl_lora_to_peft(cog_lora)))
-    try:
-        loaded = render(pipe)
-    finally:
-        pipe.unload_lora_weights()
+    loaded = render_with_lora(pipe, lora_formats.peft_to_diffusers_dict(lora_formats.cog_sdxl_lora_to_peft(cog_lora)))
     np.testing.assert_allclose(loaded, exported["trained"], atol=1e-5)
     assert np.array_equal(render(pipe), exported["base"])
