@@ -1,4 +1,4 @@
-"""A local HTTP server that serves files well or badly, for the download tests and the predictor soak test.
+"""A local HTTP server that serves files well or badly, for the download, weights-cache, predictor and soak tests.
 
 Paths (``<name>`` is a file in the served folder):
 

@@ -18,8 +18,9 @@ import pytest
 from PIL import Image
 
 from predict import Predictor
+from misbehaving_server import MisbehavingServer
 from weights_fixtures import one_torch_thread  # noqa: F401  (autouse fixture)
-from weights_fixtures import WeightsServer, tiny_unet, write_cog_sdxl_tar, write_trained_tar
+from weights_fixtures import tiny_unet, write_cog_sdxl_tar, write_trained_tar
 
 ROOT = Path(__file__).resolve().parents[1]
 PREDICT_DEFAULTS = {name: param.default.default for name, param in inspect.signature(Predictor.predict).parameters.items()
@@ -116,7 +117,7 @@ def test_weights_by_path_data_uri_and_url_change_the_image_and_repeat(predictor,
     assert not np.array_equal(by_path, base), "trained weights change the image"
     assert np.array_equal(one_image(predictor, replicate_weights=str(tars["a"])), by_path), "same seed, same image"
     assert np.array_equal(one_image(predictor, replicate_weights=data_uri(tars["a"])), by_path)
-    with WeightsServer(tars["a"].parent) as server:
+    with MisbehavingServer(tars["a"].parent) as server:
         assert np.array_equal(one_image(predictor, replicate_weights=server.url("files/" + tars["a"].name)), by_path)
     assert np.array_equal(one_image(predictor), base)
 

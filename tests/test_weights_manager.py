@@ -16,8 +16,9 @@ import export
 import weights_cache as wc
 import weights_manager as wm
 from lora_formats import UNetLayout
+from misbehaving_server import MisbehavingServer
 from weights_fixtures import one_torch_thread  # noqa: F401  (autouse fixture)
-from weights_fixtures import WeightsServer, random_embeddings, random_peft_lora, tiny_unet, write_cog_sdxl_tar, \
+from weights_fixtures import random_embeddings, random_peft_lora, tiny_unet, write_cog_sdxl_tar, \
     write_trained_tar
 
 
@@ -31,7 +32,7 @@ def tars(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(tars):
-    with WeightsServer(next(iter(tars.values())).parent) as running:
+    with MisbehavingServer(next(iter(tars.values())).parent) as running:
         yield running
 
 
@@ -64,8 +65,8 @@ def test_fetch_by_path_data_uri_and_url_gives_same_files_and_url_is_cached(tmp_p
 
 def test_dropped_connection_resumes_with_range(tmp_path, tars, server):
     cache = wc.WeightsCache(settings(tmp_path))
-    folder = cache.ensure(server.url("drop/" + tars["b"].name))
-    ranges = [rng for path, rng in server.requests if path == "/drop/" + tars["b"].name]
+    folder = cache.ensure(server.url("drop-once/" + tars["b"].name))
+    ranges = [rng for path, rng in server.requests if path == "/drop-once/" + tars["b"].name]
     assert ranges[0] is None and ranges[1] is not None and ranges[1].startswith("bytes=")
     assert wm.read_trained_weights(folder).lora is not None
 

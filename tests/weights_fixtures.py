@@ -3,11 +3,9 @@ replicate/cog-sdxl's layout, built on the tiny model, plus a local HTTP server w
 
 from __future__ import annotations
 
-import http.server
 import json
 import re
 import tarfile
-import threading
 from pathlib import Path
 
 import pytest
@@ -97,84 +95,3 @@ def write_cog_sdxl_tar(folder: Path, seed: int, unet=None) -> Path:
         for path in sorted(out.iterdir()):
             tar.add(path, arcname=path.name)
     return tar_path
-
-
-class WeightsServer:
-    """A local HTTP server for tars: ``/files/<name>`` honours Range; ``/drop/<name>`` cuts the connection half-way
-    on the first request of each file (then serves ranges normally); ``/html`` is an error page; ``/short/<name>``
-    announces more bytes than it sends without accepting ranges; ``/loop`` redirects to itself."""
-
-    def __init__(self, folder: Path):
-        server = self
-        self.folder = folder
-        self.requests: list[tuple[str, str | None]] = []
-        self._dropped: set[str] = set()
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                server.requests.append((self.path, self.headers.get("Range")))
-                kind, _, name = self.path.lstrip("/").partition("/")
-                if kind == "html":
-                    return self._send(200, b"<html>Access denied</html>", "text/html")
-                if kind == "loop":
-                    self.send_response(302)
-                    self.send_header("Location", "/loop")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return None
-                path = server.folder / name
-                if not path.is_file():
-                    return self._send(404, b"not found", "text/plain")
-                data = path.read_bytes()
-                if kind == "short":
-                    return self._send(200, data[: len(data) // 2], "application/x-tar", length=len(data), ranges=False)
-                start = 0
-                match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                if match:
-                    start = int(match.group(1))
-                if kind == "drop" and name not in server._dropped:
-                    server._dropped.add(name)
-                    return self._send(200, data[: len(data) // 2], "application/x-tar", length=len(data))
-                if match:
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                    self.send_header("Content-Length", str(len(data) - start))
-                    self.send_header("Accept-Ranges", "bytes")
-                    self.send_header("Content-Type", "application/x-tar")
-                    self.end_headers()
-                    self.wfile.write(data[start:])
-                    return None
-                return self._send(200, data, "application/x-tar")
-
-            def _send(self, status: int, body: bytes, content_type: str, length: int | None = None,
-                      ranges: bool = True) -> None:
-                self.send_response(status)
-                self.send_header("Content-Type", content_type)
-                self.send_header("Content-Length", str(len(body) if length is None else length))
-                if ranges:
-                    self.send_header("Accept-Ranges", "bytes")
-                if length is not None:
-                    self.send_header("Connection", "close")
-                self.end_headers()
-                self.wfile.write(body)
-                if length is not None:
-                    self.close_connection = True
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> WeightsServer:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}/{path}"
