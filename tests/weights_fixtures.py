@@ -1,5 +1,5 @@
 """Trained-weights fixtures for the predictor tests: tars in this project's layout (written by export.py) and in
-replicate/cog-sdxl's layout, built on the tiny model, plus a local HTTP server with Range support and faults."""
+replicate/cog-sdxl's layout, built on the tiny model (the HTTP server they are served from is tests/misbehaving_server.py)."""
 
 from __future__ import annotations
 
