@@ -27,7 +27,7 @@ DEMO_ENV := SDXL_MODEL=tiny COG_SDXL_CACHE=$(CURDIR)/.cache
 
 demo: $(VENV)/.installed
 	$(PY) scripts/demo_photos.py $(DEMO)/photos.zip
-	$(DEMO_ENV) $(PY) -c "from base_model import resolve_model_dir; print('tiny base model:', resolve_model_dir('tiny'))"
+	$(DEMO_ENV) $(PY) -c "from pti.models.base_model import resolve_model_dir; print('tiny base model:', resolve_model_dir('tiny'))"
 	$(DEMO_ENV) $(PY) cog_local.py train -o $(DEMO)/train -i input_images=@$(DEMO)/photos.zip \
 		-i token_string=TOK -i caption_prefix="a photo of TOK" -i resolution=64 -i train_batch_size=2 -i max_train_steps=30 \
 		-i use_face_detection_instead=true -i captioning_model= -i validation_num_inference_steps=8 -i seed=0

@@ -16,7 +16,7 @@ from typing import Optional, Union
 
 from cog import BasePredictor, Input, Path
 
-from generation import (
+from pti.inference.generation import (
     OUTPUT_FORMATS,
     REFINE_MODES,
     SCHEDULERS,

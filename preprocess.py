@@ -17,11 +17,11 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from base_model import pick_runtime
-from captioning import DEFAULT_CAPTIONER, automatic_captions, load_captioner, sidecar_captions, table_captions
-from contact_sheet import SheetEntry, write_contact_sheet
-from cropping import Crop, centre_of, centre_of_mass, crop_around, cut_mask, nearest_bucket, sdxl_buckets
-from image_loading import (
+from pti.models.base_model import pick_runtime
+from pti.preprocessing.captioning import DEFAULT_CAPTIONER, automatic_captions, load_captioner, sidecar_captions, table_captions
+from pti.preprocessing.contact_sheet import SheetEntry, write_contact_sheet
+from pti.preprocessing.cropping import Crop, centre_of, centre_of_mass, crop_around, cut_mask, nearest_bucket, sdxl_buckets
+from pti.preprocessing.image_loading import (
     DEFAULT_MAX_IMAGE_PIXELS,
     IMAGE_SUFFIXES,
     ImageBombError,
@@ -31,9 +31,9 @@ from image_loading import (
     load_photo,
     note_non_images,
 )
-from masking import ClipSegMasker, FaceMasker
-from upscaling import SuperResolution, render_crop
-from safe_archive import DECLARED_TYPES, ExtractionLimits, safe_extract
+from pti.preprocessing.masking import ClipSegMasker, FaceMasker
+from pti.preprocessing.upscaling import SuperResolution, render_crop
+from pti.preprocessing.safe_archive import DECLARED_TYPES, ExtractionLimits, safe_extract
 
 logger = logging.getLogger(__name__)
 

@@ -20,14 +20,14 @@ from accelerate import PartialState
 from cog import BaseModel, Input, Path
 from cog.input import FieldInfo
 
-import export
-import failures
+from pti.formats import export
+from pti.training import failures
 import preprocess
-from captioning import DEFAULT_CAPTIONER
+from pti.preprocessing.captioning import DEFAULT_CAPTIONER
 from dataset_and_utils import parse_token_string
-from optim import OPTIMIZERS, SCHEDULERS
-from safe_archive import safe_extract
-from trainer import DEFAULT_LORA_TARGETS, TrainingSettings, train_model
+from pti.training.optim import OPTIMIZERS, SCHEDULERS
+from pti.preprocessing.safe_archive import safe_extract
+from pti.training.trainer import DEFAULT_LORA_TARGETS, TrainingSettings, train_model
 
 
 TAR_NAME = "trained_model.tar"

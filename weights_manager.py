@@ -29,9 +29,9 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-import lora_formats
-from lora_formats import LoraFormatError, PeftLora
-from weights_cache import (
+from pti.formats import lora_formats
+from pti.formats.lora_formats import LoraFormatError, PeftLora
+from pti.inference.weights_cache import (
     COG_SDXL_EMBEDDINGS,
     COG_SDXL_LORA,
     FULL_UNET,

@@ -30,8 +30,8 @@ os.environ.setdefault("SDXL_MODEL", "tiny")
 
 import torch  # noqa: E402
 
-import export  # noqa: E402
-from lora_formats import UNetLayout  # noqa: E402
+from pti.formats import export  # noqa: E402
+from pti.formats.lora_formats import UNetLayout  # noqa: E402
 
 ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 

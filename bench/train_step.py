@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from step_hooks import PHASES, PhaseTimer, StepRecord  # noqa: E402
+from pti.training.step_hooks import PHASES, PhaseTimer, StepRecord  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -111,9 +111,8 @@ class JobTimes:
 
 
 def run_job(bench: BenchSettings, work: Path) -> tuple[list[StepRecord], JobTimes, "object"]:
-    import export
-    import trainer as trainer_module
-
+    from pti.formats import export
+    from pti.training import trainer as trainer_module
     dataset = bench.dataset or write_synthetic_images(work / "images", bench.num_images, bench.resolution)
     settings = trainer_module.TrainingSettings(
         dataset_dir=dataset, output_dir=work / "out", base_model=bench.model, precision=bench.precision,

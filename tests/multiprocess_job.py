@@ -23,8 +23,8 @@ os.environ.setdefault("COG_SDXL_CACHE", str(ROOT / ".cache"))
 
 import torch  # noqa: E402
 
-from step_hooks import StepHooks  # noqa: E402
-from trainer import Trainer, TrainingSettings  # noqa: E402
+from pti.training.step_hooks import StepHooks  # noqa: E402
+from pti.training.trainer import Trainer, TrainingSettings  # noqa: E402
 
 WRITE_EVENTS = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.truncate", "os.link", "os.symlink",
                 "shutil.rmtree", "shutil.move", "tempfile.mkdtemp", "tempfile.mkstemp"}

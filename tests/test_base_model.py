@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from base_model import load_sdxl_pipeline, pick_runtime, resolve_model_dir
-from tiny_models import build_tiny_sdxl
+from pti.models.base_model import load_sdxl_pipeline, pick_runtime, resolve_model_dir
+from pti.models.tiny_models import build_tiny_sdxl
 
 
 def test_tiny_model_keeps_sdxl_structure():

@@ -174,7 +174,7 @@ def test_readme_diffusers_code_loads_the_trained_tar(trained_tar, work, monkeypa
     """The README's diffusers snippet, run as written on the trained tar, with the tiny base model on the CPU."""
     readme = (ROOT / "README.md").read_text()
     code = re.search(r"### diffusers\n\n```python\n(.*?)```", readme, re.DOTALL).group(1)
-    from base_model import resolve_model_dir
+    from pti.models.base_model import resolve_model_dir
 
     code = (code.replace('"stabilityai/stable-diffusion-xl-base-1.0"', repr(str(resolve_model_dir("tiny"))))
             .replace("torch.float16", "torch.float32").replace('.to("cuda")', '.to("cpu")')

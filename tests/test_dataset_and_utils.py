@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import base_model
+from pti.models import base_model
 from dataset_and_utils import (
     CachedDataset,
     CaptionAugmentation,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-import weights_cache as wc
+from pti.inference import weights_cache as wc
 import weights_manager as wm
 from misbehaving_server import MisbehavingServer
 from weights_fixtures import write_trained_tar

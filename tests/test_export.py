@@ -15,9 +15,9 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import export
-import lora_formats
-from base_model import load_sdxl_pipeline, pick_runtime
+from pti.formats import export
+from pti.formats import lora_formats
+from pti.models.base_model import load_sdxl_pipeline, pick_runtime
 
 SPECIAL = {"TOK": "<s0><s1>", "STY": "<s2>"}
 TOKENS = ["<s0>", "<s1>", "<s2>"]

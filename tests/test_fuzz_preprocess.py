@@ -37,10 +37,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import image_loading
+from pti.preprocessing import image_loading
 import preprocess
-from captioning import CaptionTableError
-from safe_archive import ArchiveError
+from pti.preprocessing.captioning import CaptionTableError
+from pti.preprocessing.safe_archive import ArchiveError
 
 ALLOWED_ERRORS = (ArchiveError, preprocess.PreprocessError, CaptionTableError)
 CASE_BOUND_S = 20.0  # one case: a few tiny images through extraction, decoding, cropping and the contact sheet

@@ -8,8 +8,8 @@ from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from peft import LoraConfig, get_peft_model_state_dict
 
-import lora_formats as lf
-from tiny_models import tiny_configs
+from pti.formats import lora_formats as lf
+from pti.models.tiny_models import tiny_configs
 
 SDXL_UNET_CONFIG = dict(
     sample_size=128, in_channels=4, out_channels=4,

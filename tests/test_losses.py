@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from losses import compute_snr, masked_mse_per_sample, min_snr_weights, offset_noise, pyramid_noise
+from pti.training.losses import compute_snr, masked_mse_per_sample, min_snr_weights, offset_noise, pyramid_noise
 
 
 def test_masked_mse_without_mask_is_plain_mse_per_sample():

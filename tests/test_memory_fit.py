@@ -6,8 +6,8 @@ import pytest
 import torch
 from peft import LoraConfig
 
-import memory_fit
-from base_model import load_sdxl_pipeline, pick_runtime
+from pti.training import memory_fit
+from pti.models.base_model import load_sdxl_pipeline, pick_runtime
 
 RUNTIME = pick_runtime("fp32", "cpu")
 

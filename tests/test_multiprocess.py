@@ -16,7 +16,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from base_model import load_sdxl_pipeline, pick_runtime
+from pti.models.base_model import load_sdxl_pipeline, pick_runtime
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "multiprocess_job.py"

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from optim import (
+from pti.training.optim import (
     SCHEDULERS,
     OptimizerError,
     ParamGroup,

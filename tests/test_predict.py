@@ -172,7 +172,7 @@ def test_num_outputs_and_output_formats(predictor):
 
 
 def test_every_scheduler_runs(predictor):
-    from generation import SCHEDULERS
+    from pti.inference.generation import SCHEDULERS
 
     images = {name: one_image(predictor, scheduler=name, num_inference_steps=4) for name in SCHEDULERS}
     assert len({image.tobytes() for image in images.values()}) > len(SCHEDULERS) // 2

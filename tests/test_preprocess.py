@@ -11,10 +11,10 @@ import pytest
 from PIL import Image
 from skimage import data
 
-from captioning import restore_trigger_words
+from pti.preprocessing.captioning import restore_trigger_words
 from conftest import SHARED_DATASETS
 from preprocess import PreprocessError, PreprocessSettings, preprocess
-from tiny_vision_models import ensure_tiny_blip, ensure_tiny_clipseg, ensure_tiny_swin2sr
+from pti.models.tiny_vision_models import ensure_tiny_blip, ensure_tiny_clipseg, ensure_tiny_swin2sr
 
 # The astronaut's face in skimage's 512x512 photo (left, top, right, bottom), read off the image by eye.
 ASTRONAUT_FACE = (180, 70, 275, 175)

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from preprocess import PreprocessError, PreprocessSettings, preprocess
-from safe_archive import ArchiveError
+from pti.preprocessing.safe_archive import ArchiveError
 
 
 def settings(**overrides) -> PreprocessSettings:

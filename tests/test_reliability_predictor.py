@@ -38,7 +38,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save
 
-import weights_cache
+from pti.inference import weights_cache
 from cog_server import CogServer, decode_data_uri
 from misbehaving_server import MisbehavingServer
 from predict import Predictor
@@ -319,8 +319,7 @@ def predictor(tmp_path_factory, tars, monkeypatch_module):
 
 
 def _extracted(tar: Path, tmp_path_factory) -> Path:
-    import safe_archive
-
+    from pti.preprocessing import safe_archive
     folder = tmp_path_factory.mktemp("probe") / "x"
     safe_archive.safe_extract(tar, folder)
     return folder

@@ -27,11 +27,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import checkpoints
+from pti.training import checkpoints
 import cog_local
-import failures
+from pti.training import failures
 import train
-import trainer
+from pti.training import trainer
 from training_fixtures import concept_image, write_dataset_folder
 from weights_fixtures import one_torch_thread  # noqa: F401  (autouse: one torch thread, as the driver processes)
 

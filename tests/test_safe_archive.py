@@ -12,7 +12,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from safe_archive import ArchiveError, ExtractionLimits, detect_archive_type, safe_extract, safe_member_path
+from pti.preprocessing.safe_archive import ArchiveError, ExtractionLimits, detect_archive_type, safe_extract, safe_member_path
 
 
 def make_zip(path: Path, members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> Path:

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load
 
-import failures
+from pti.training import failures
 import train
-import trainer
+from pti.training import trainer
 from training_fixtures import write_plain_folder
 
 INPUTS = dict(seed=11, resolution=64, train_batch_size=1, max_train_steps=6, lora_rank=2, lora_lr=1e-3,

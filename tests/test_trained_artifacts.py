@@ -13,8 +13,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-import lora_formats
-from base_model import load_sdxl_pipeline, pick_runtime
+from pti.formats import lora_formats
+from pti.models.base_model import load_sdxl_pipeline, pick_runtime
 from training_fixtures import write_plain_folder
 
 PROMPT = "a photo of <s0><s1> on a table"

@@ -12,8 +12,8 @@ import torch
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
-import base_model
-from trainer import SettingsError, Trainer, TrainingSettings, _epoch_batches, plan_training
+from pti.models import base_model
+from pti.training.trainer import SettingsError, Trainer, TrainingSettings, _epoch_batches, plan_training
 from training_fixtures import SIZE, single_torch_thread, write_dataset_folder, write_plain_folder
 
 CAPTIONS = ["a photo of TOK", "TOK sitting on a table", "a close up photo of TOK", "TOK in the forest"]

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-import export
-import weights_cache as wc
+from pti.formats import export
+from pti.inference import weights_cache as wc
 import weights_manager as wm
-from lora_formats import UNetLayout
+from pti.formats.lora_formats import UNetLayout
 from misbehaving_server import MisbehavingServer
 from weights_fixtures import one_torch_thread  # noqa: F401  (autouse fixture)
 from weights_fixtures import random_embeddings, random_peft_lora, tiny_unet, write_cog_sdxl_tar, \
@@ -157,7 +157,7 @@ def test_trigger_words_are_replaced_whole_word_only():
 
 @pytest.fixture(scope="module")
 def pipe():
-    from base_model import load_sdxl_pipeline, pick_runtime
+    from pti.models.base_model import load_sdxl_pipeline, pick_runtime
 
     return load_sdxl_pipeline("tiny", pick_runtime("fp32", "cpu"))
 

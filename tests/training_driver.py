@@ -27,8 +27,8 @@ os.environ.setdefault("SDXL_MODEL", "tiny")
 
 import torch  # noqa: E402
 
-import checkpoints  # noqa: E402
-import trainer  # noqa: E402
+from pti.training import checkpoints  # noqa: E402
+from pti.training import trainer  # noqa: E402
 
 PATH_FIELDS = ("dataset_dir", "output_dir", "checkpoint_dir", "resume_from", "class_data_dir")
 

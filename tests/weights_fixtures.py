@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-import export
-from lora_formats import UNetLayout
+from pti.formats import export
+from pti.formats.lora_formats import UNetLayout
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
@@ -32,7 +32,7 @@ ATTENTION_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 def tiny_unet():
     from diffusers import UNet2DConditionModel
 
-    from tiny_models import ensure_tiny_sdxl
+    from pti.models.tiny_models import ensure_tiny_sdxl
 
     return UNet2DConditionModel.from_pretrained(ensure_tiny_sdxl(), subfolder="unet")
 

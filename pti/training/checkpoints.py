@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from optim import join_optimizer_state, split_optimizer_state
+from pti.training.optim import join_optimizer_state, split_optimizer_state
 
 CHECKPOINT_PREFIX = "checkpoint-"
 

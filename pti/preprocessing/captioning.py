@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from image_loading import CAPTION_SUFFIXES, CAPTION_TABLE_NAMES
+from pti.preprocessing.image_loading import CAPTION_SUFFIXES, CAPTION_TABLE_NAMES
 
 logger = logging.getLogger(__name__)
 

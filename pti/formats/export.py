@@ -23,8 +23,8 @@ import safetensors.torch
 from torch import Tensor
 from tqdm import tqdm
 
-import lora_formats
-from lora_formats import UNetLayout
+from pti.formats import lora_formats
+from pti.formats.lora_formats import UNetLayout
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDINGS_FILE = "embeddings.safetensors"

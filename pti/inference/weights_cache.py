@@ -28,7 +28,7 @@ from pathlib import Path
 import requests
 from tqdm.auto import tqdm
 
-from safe_archive import ArchiveError, ExtractionLimits, safe_extract
+from pti.preprocessing.safe_archive import ArchiveError, ExtractionLimits, safe_extract
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class WeightsSettings:
 
     @classmethod
     def from_env(cls) -> WeightsSettings:
-        from base_model import cache_root
+        from pti.models.build_cache import cache_root
 
         def env_int(name: str, default: int | None) -> int | None:
             value = os.environ.get(name)

@@ -12,9 +12,6 @@ One setting names the base model everywhere: env ``SDXL_MODEL`` (or an explicit 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,35 +20,6 @@ import torch
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
 TINY = "tiny"
-
-
-def cache_root() -> Path:
-    """Folder for everything this project caches (built tiny models, downloaded weights)."""
-    root = os.environ.get("COG_SDXL_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "cog-sdxl-pti"
-    )
-    return Path(root)
-
-
-def cached_build(name: str, build: Callable[[Path], None]) -> Path:
-    """``cache_root()/name``, calling ``build(folder)`` on first use. Built in a staging folder and renamed, so a
-    crash mid-build never leaves a folder that looks complete; two processes racing both end with one copy."""
-    folder = cache_root() / name
-    if (folder / ".complete").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=name + ".", dir=folder.parent))
-    try:
-        build(staging)
-        (staging / ".complete").touch()
-        try:
-            os.rename(staging, folder)
-        except OSError:  # another process finished first
-            if not (folder / ".complete").is_file():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return folder
 
 
 def model_spec(explicit: str | None = None) -> str:
@@ -99,11 +67,11 @@ def resolve_model_dir(spec: str | None = None) -> Path | str:
     """A local folder for ``tiny`` (built on first use) or a local diffusers directory; else the repo id."""
     spec = model_spec(spec)
     if spec == TINY:
-        from tiny_models import ensure_tiny_sdxl
+        from pti.models.tiny_models import ensure_tiny_sdxl
 
         return ensure_tiny_sdxl()
     if spec.startswith(("random-full", "random_full")):
-        from full_random_model import ensure_random_full_sdxl
+        from pti.models.full_random_model import ensure_random_full_sdxl
 
         return ensure_random_full_sdxl()
     path = Path(spec).expanduser()

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cropping import Crop, cut
+from pti.preprocessing.cropping import Crop, cut
 
 
 class SuperResolution:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from pti.models.build_cache import cached_build
+
 TINY_VERSION = "v1"
 TINY_SEED = 0
 
@@ -180,8 +182,6 @@ def build_tiny_sdxl(folder: Path, seed: int = TINY_SEED) -> None:
 
 def ensure_tiny_sdxl(seed: int = TINY_SEED) -> Path:
     """The cached tiny pipeline folder, built on first use."""
-    from base_model import cached_build
-
     return cached_build(f"tiny-sdxl-{TINY_VERSION}-seed{seed}", lambda folder: build_tiny_sdxl(folder, seed))
 
 
@@ -217,8 +217,6 @@ def build_tiny_refiner(folder: Path, seed: int = TINY_SEED) -> None:
 
 def ensure_tiny_refiner(seed: int = TINY_SEED) -> Path:
     """The cached tiny refiner folder, built atomically on first use."""
-    from base_model import cached_build
-
     return cached_build(f"tiny-sdxl-refiner-{TINY_REFINER_VERSION}-seed{seed}",
                         lambda folder: build_tiny_refiner(folder, seed))
 
@@ -242,7 +240,5 @@ def build_tiny_safety_checker(folder: Path, seed: int = TINY_SEED) -> None:
 
 def ensure_tiny_safety_checker(seed: int = TINY_SEED) -> Path:
     """The cached tiny safety-checker folder (``safety_checker/`` and ``feature_extractor/``)."""
-    from base_model import cached_build
-
     return cached_build(f"tiny-safety-checker-{TINY_SAFETY_VERSION}-seed{seed}",
                         lambda folder: build_tiny_safety_checker(folder, seed))

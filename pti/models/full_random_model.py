@@ -14,7 +14,9 @@ from pathlib import Path
 
 import torch
 
-from tiny_models import SCHEDULER_CONFIG, write_clip_bpe
+from pti.models.build_cache import cached_build
+
+from pti.models.tiny_models import SCHEDULER_CONFIG, write_clip_bpe
 
 FULL_VERSION = "v1"
 CLIP_VOCAB = 49408
@@ -98,6 +100,4 @@ def build_random_full_sdxl(folder: Path, seed: int = 0, dtype: torch.dtype = tor
 
 def ensure_random_full_sdxl(seed: int = 0) -> Path:
     """The cached full-size random pipeline folder, built on first use (minutes, ~8 GB on disk)."""
-    from base_model import cached_build
-
     return cached_build(f"random-full-sdxl-{FULL_VERSION}-seed{seed}", lambda folder: build_random_full_sdxl(folder, seed))

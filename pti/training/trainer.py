@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import base_model
-from checkpoints import (
+from pti.models import base_model
+from pti.training.checkpoints import (
     Checkpoint,
     CheckpointError,
     capture_rng,
@@ -32,27 +32,17 @@ from checkpoints import (
     restore_rng,
     save_checkpoint,
 )
-from dataset_and_utils import (
-    CachedDataset,
-    CaptionAugmentation,
-    DatasetError,
-    DatasetItem,
-    PromptTokenizer,
-    TokenEmbeddingsHandler,
-    TriggerWord,
-    all_new_tokens,
-    contains_trigger,
-    encode_prompt,
-    parse_token_string,
-    read_dataset_folder,
-    replace_trigger_words,
-    special_params,
-)
-from failures import check_finite, out_of_memory
-from lora_formats import UNetLayout
-from losses import compute_snr, masked_mse_per_sample, min_snr_weights, offset_noise, pyramid_noise
-from optim import SCHEDULERS, ParamGroup, ProdigySettings, build_optimizer, build_scheduler, check_optimizer_available
-from step_hooks import StepHooks
+from pti.dataset.cached import CachedDataset
+from pti.dataset.errors import DatasetError
+from pti.dataset.folder import DatasetItem, read_dataset_folder
+from pti.dataset.text import CaptionAugmentation, PromptTokenizer, encode_prompt
+from pti.dataset.token_embeddings import TokenEmbeddingsHandler
+from pti.dataset.triggers import TriggerWord, all_new_tokens, contains_trigger, parse_token_string, replace_trigger_words, special_params
+from pti.training.failures import check_finite, out_of_memory
+from pti.formats.lora_formats import UNetLayout
+from pti.training.losses import compute_snr, masked_mse_per_sample, min_snr_weights, offset_noise, pyramid_noise
+from pti.training.optim import SCHEDULERS, ParamGroup, ProdigySettings, build_optimizer, build_scheduler, check_optimizer_available
+from pti.training.step_hooks import StepHooks
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
@@ -349,7 +339,7 @@ class Trainer:
     def _use_gradient_checkpointing(self, unet) -> bool:
         if self.settings.gradient_checkpointing is not None:
             return self.settings.gradient_checkpointing
-        from memory_fit import needs_gradient_checkpointing
+        from pti.training.memory_fit import needs_gradient_checkpointing
 
         instances = 2 if self.class_dataset is not None else 1  # prior preservation doubles the batch
         text_width = sum(encoder.config.hidden_size for encoder in self.text_encoders)
@@ -675,8 +665,7 @@ class Trainer:
         """Final samples, loss curve and the weight files/model card (main process only)."""
         from peft import get_peft_model_state_dict
 
-        import export
-
+        from pti.formats import export
         s = self.settings
         params = special_params(self.plan.triggers)
         embeddings = self.embeddings.embeddings()

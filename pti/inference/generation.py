@@ -32,7 +32,7 @@ from diffusers.pipelines.stable_diffusion_xl.watermark import StableDiffusionXLW
 from PIL import Image, UnidentifiedImageError
 from transformers import CLIPImageProcessor
 
-from base_model import TINY, Runtime, is_hub_id, load_sdxl_pipeline, model_spec, pick_runtime
+from pti.models.base_model import TINY, Runtime, is_hub_id, load_sdxl_pipeline, model_spec, pick_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -172,7 +172,7 @@ def load_models(settings: ModelSettings, runtime: Runtime | None = None) -> SDXL
 def _load_refiner(spec: str, base: StableDiffusionXLPipeline, runtime: Runtime) -> StableDiffusionXLImg2ImgPipeline:
     source: Path | str
     if spec == TINY:
-        from tiny_models import ensure_tiny_refiner
+        from pti.models.tiny_models import ensure_tiny_refiner
 
         source = ensure_tiny_refiner()
     else:
@@ -191,7 +191,7 @@ def _load_safety_checker(settings: ModelSettings, runtime: Runtime) -> tuple[Sta
     extractor_source: Path | str = settings.feature_extractor_model
     checker_folder = extractor_folder = None
     if TINY in (checker_source, extractor_source):
-        from tiny_models import ensure_tiny_safety_checker
+        from pti.models.tiny_models import ensure_tiny_safety_checker
 
         tiny = ensure_tiny_safety_checker()
         checker_folder, extractor_folder = tiny / "safety_checker", tiny / "feature_extractor"

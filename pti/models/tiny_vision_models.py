@@ -27,8 +27,8 @@ from transformers import (
     ViTImageProcessor,
 )
 
-from base_model import cached_build
-from tiny_models import write_clip_bpe
+from pti.models.build_cache import cached_build
+from pti.models.tiny_models import write_clip_bpe
 
 TINY_VISION_SEED = 1234
 BERT_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[DEC]")

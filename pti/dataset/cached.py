@@ -1,0 +1,108 @@
+"""The training tensors of every item, computed once: VAE latents (and flipped latents), latent-resolution masks,
+SDXL micro-conditioning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+from pti.dataset.errors import DatasetError
+from pti.dataset.folder import DatasetItem
+from pti.dataset.triggers import TriggerWord, replace_trigger_words
+
+
+def load_image(path: Path, size: int | None = None) -> Image.Image:
+    """RGB image, EXIF-rotated; with ``size`` centre-cropped to a square and resized (plain-folder datasets)."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image).convert("RGB")
+    if size is not None and image.size != (size, size):
+        image = ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS)
+    return image
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """[3, H, W] in [-1, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+
+
+def mask_to_latent_tensor(path: Path | None, image_size: tuple[int, int], latent_size: tuple[int, int]) -> torch.Tensor:
+    """[1, h, w] loss weights in [0, 1] at latent resolution (all ones without a mask)."""
+    if path is None:
+        return torch.ones(1, *latent_size)
+    with Image.open(path) as mask:
+        mask = mask.convert("L")
+        if mask.size != (image_size[1], image_size[0]):
+            mask = mask.resize((image_size[1], image_size[0]), Image.Resampling.BILINEAR)
+        weights = torch.from_numpy(np.asarray(mask, dtype=np.float32) / 255.0)[None, None]
+    return F.interpolate(weights, size=latent_size, mode="area")[0]
+
+
+@dataclass
+class CachedItem:
+    latents: torch.Tensor  # [4, h, w], scaled by the VAE's scaling factor
+    flipped_latents: torch.Tensor | None
+    mask: torch.Tensor  # [1, h, w]
+    caption: str  # trigger words already replaced by new tokens
+    time_ids: torch.Tensor  # [6]: original (h, w), crop (top, left), target (h, w)
+
+
+class CachedDataset:
+    """Every item's VAE latents (and horizontally flipped latents), mask and micro-conditioning, computed once."""
+
+    def __init__(self, items: list[CachedItem]):
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, dataset: list[DatasetItem], vae, triggers: list[TriggerWord], *, resize_to: int | None,
+              flip: bool, device: torch.device, dtype: torch.dtype, show_progress: bool = True) -> CachedDataset:
+        from tqdm.auto import tqdm
+
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        cached = []
+        for item in tqdm(dataset, desc="caching latents", disable=not show_progress):
+            image = load_image(item.image_path, resize_to)
+            pixels = image_to_tensor(image)[None].to(device, dtype)
+            height, width = pixels.shape[-2:]
+            if height % factor or width % factor:
+                raise DatasetError(f"{item.image_path.name}: size {width}x{height} is not a multiple of {factor}")
+            latents = _encode(vae, pixels)
+            flipped = _encode(vae, torch.flip(pixels, dims=[-1])) if flip else None
+            cached.append(CachedItem(
+                latents=latents,
+                flipped_latents=flipped,
+                mask=mask_to_latent_tensor(item.mask_path, (height, width),
+                                           (height // factor, width // factor)).to(device),
+                caption=replace_trigger_words(item.caption, triggers),
+                time_ids=torch.tensor([*item.original_size, *item.crop_top_left, height, width],
+                                      dtype=torch.float32, device=device),
+            ))
+        return cls(cached)
+
+    def batch(self, indices: list[int], flips: list[bool]) -> dict:
+        """Stack items ``indices`` (flipped where ``flips`` says so) into a training batch."""
+        latents, masks = [], []
+        for index, flip in zip(indices, flips):
+            item = self.items[index]
+            use_flip = flip and item.flipped_latents is not None
+            latents.append(item.flipped_latents if use_flip else item.latents)
+            masks.append(torch.flip(item.mask, dims=[-1]) if use_flip else item.mask)
+        return {
+            "latents": torch.stack(latents),
+            "masks": torch.stack(masks),
+            "captions": [self.items[i].caption for i in indices],
+            "time_ids": torch.stack([self.items[i].time_ids for i in indices]),
+        }
+
+
+def _encode(vae, pixels: torch.Tensor) -> torch.Tensor:
+    latents = vae.encode(pixels).latent_dist.mean
+    return (latents * vae.config.scaling_factor)[0].float()  # stays on the training device
