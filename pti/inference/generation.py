@@ -32,7 +32,7 @@ from diffusers.pipelines.stable_diffusion_xl.watermark import StableDiffusionXLW
 from PIL import Image, UnidentifiedImageError
 from transformers import CLIPImageProcessor
 
-from pti.models.base_model import TINY, Runtime, is_hub_id, load_sdxl_pipeline, model_spec, pick_runtime
+from pti.models.base_model import MINI_WORLD, TINY, Runtime, is_hub_id, load_sdxl_pipeline, model_spec, pick_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class ModelSettings:
     @classmethod
     def from_env(cls) -> ModelSettings:
         base = model_spec()
-        tiny = base == TINY
+        tiny = base in (TINY, MINI_WORLD)  # offline bases: the tiny refiner and safety checker stand in
         return cls(
             base_model=base,
             refiner_model=os.environ.get("SDXL_REFINER_MODEL") or (TINY if tiny else REFINER_MODEL),

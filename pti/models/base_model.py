@@ -5,6 +5,7 @@ One setting names the base model everywhere: env ``SDXL_MODEL`` (or an explicit 
 * a Hugging Face repo id (default ``stabilityai/stable-diffusion-xl-base-1.0``), downloaded once into the
   hub cache; in half precision the fp16-safe VAE ``madebyollin/sdxl-vae-fp16-fix`` replaces the stock one;
 * a local directory in diffusers layout;
+* ``mini-world``: the tiny architecture pretrained on the toy world of captioned shapes (``pti/toyworld``);
 * ``tiny``: a small pipeline of the real SDXL classes with random weights, built from a fixed seed on first
   use and cached on disk (see :mod:`tiny_models`). Tests, the demo and CPU benchmarks use it.
 """
@@ -20,6 +21,10 @@ import torch
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
 TINY = "tiny"
+MINI_WORLD = "mini-world"
+# The toy world's pretrained mini SDXL, committed in diffusers layout (rebuilt by scripts/build_mini_world.py). A path,
+# not an import: the models room does not import the toyworld room.
+MINI_WORLD_DIR = Path(__file__).resolve().parents[1] / "toyworld" / "weights" / "mini-world"
 
 
 def model_spec(explicit: str | None = None) -> str:
@@ -70,6 +75,10 @@ def resolve_model_dir(spec: str | None = None) -> Path | str:
         from pti.models.tiny_models import ensure_tiny_sdxl
 
         return ensure_tiny_sdxl()
+    if spec == MINI_WORLD:
+        if not (MINI_WORLD_DIR / "model_index.json").is_file():
+            raise ValueError(f"SDXL_MODEL={spec}: {MINI_WORLD_DIR} is missing; rebuild it with scripts/build_mini_world.py")
+        return MINI_WORLD_DIR
     if spec.startswith(("random-full", "random_full")):
         from pti.models.full_random_model import ensure_random_full_sdxl
 
