@@ -16,6 +16,7 @@ from pti.formats import export
 from pti.inference import weights_cache as wc
 import weights_manager as wm
 from pti.formats.lora_formats import UNetLayout
+from exactness import assert_images_close, assert_same_state, effective_state, images_differ
 from misbehaving_server import MisbehavingServer
 from weights_fixtures import one_torch_thread  # noqa: F401  (autouse fixture)
 from weights_fixtures import random_embeddings, random_peft_lora, tiny_unet, write_cog_sdxl_tar, \
@@ -92,8 +93,20 @@ def _truncated_tar(tmp: Path, whole: Path) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["http404", "html", "short", "redirect_loop", "not_a_tar", "no_weight_files",
-                                  "truncated", "bad_data_uri", "missing_path"])
+BAD_SOURCE_MESSAGES = {
+    "http404": "HTTP 404",
+    "html": "server sent an HTML page",
+    "short": "download failed after \\d+ attempts",  # the body stops early on every retry
+    "redirect_loop": "more than \\d+ redirects",
+    "not_a_tar": "not a valid trained-weights tar",
+    "no_weight_files": "tar holds none of",
+    "truncated": "not a valid trained-weights tar",
+    "bad_data_uri": "payload is not valid base64",
+    "missing_path": "no such file or folder",
+}
+
+
+@pytest.mark.parametrize("case", BAD_SOURCE_MESSAGES)
 def test_bad_sources_are_one_line_errors_and_leave_nothing(tmp_path, tars, server, case):
     served = tmp_path / "served"
     served.mkdir()
@@ -109,7 +122,7 @@ def test_bad_sources_are_one_line_errors_and_leave_nothing(tmp_path, tars, serve
         "missing_path": lambda: str(tmp_path / "missing.tar"),
     }
     cache = wc.WeightsCache(settings(tmp_path))
-    with pytest.raises(wc.WeightsError) as error:
+    with pytest.raises(wc.WeightsError, match=BAD_SOURCE_MESSAGES[case]) as error:
         cache.ensure(sources[case]())
     message = str(error.value)
     assert "\n" not in message and len(message) < 300, message
@@ -178,25 +191,40 @@ def manager(tmp_path, pipe):
 
 
 def test_base_after_weights_is_exactly_base_and_tokens_are_gone(manager, pipe, tars):
-    base = render(pipe)
+    base, base_state = render(pipe), effective_state(pipe)
     base_ids = pipe.tokenizer("<s0>").input_ids
     manager.use(str(tars["a"]), 0.6)
     assert pipe.tokenizer("<s0>").input_ids != base_ids, "the new token is known while the weights are active"
+    assert effective_state(pipe) != base_state
     with_a = render(pipe)
     manager.use(None, 0.6)
     assert pipe.tokenizer("<s0>").input_ids == base_ids
-    assert not np.array_equal(with_a, base)
-    assert np.array_equal(render(pipe), base)
+    assert_same_state(effective_state(pipe), base_state, "base after weights")
+    assert images_differ(with_a, base)
+    assert_images_close(render(pipe), base)
 
 
-def test_switching_between_loaded_adapters_does_not_touch_disk(manager, pipe, tars):
-    manager.use(str(tars["a"]), 0.6)
-    first_a = render(pipe)
-    manager.use(str(tars["b"]), 0.6)
-    for entry in manager.cache.entries():  # the disk cache is gone; switching must not need it
-        shutil.rmtree(entry.path)
-    manager.use(str(tars["a"]), 0.6)
-    assert np.array_equal(render(pipe), first_a)
+def test_switching_between_loaded_adapters_does_not_touch_disk(manager, pipe, tars, tmp_path):
+    served = tmp_path / "served"
+    served.mkdir()
+    for name in ("a", "b"):
+        shutil.copy(tars[name], served / tars[name].name)
+    with MisbehavingServer(served) as source:
+        urls = {name: source.url("files/" + tars[name].name) for name in ("a", "b")}
+        manager.use(urls["a"], 0.6)
+        first_a, first_a_state = render(pipe), effective_state(pipe)
+        manager.use(urls["b"], 0.6)
+        downloads = len(source.requests)
+        shutil.rmtree(served)  # neither the source ...
+        shutil.rmtree(manager.cache.root)
+        manager.cache.root.write_text("not a folder")  # ... nor the cache can be read, even by root
+        try:
+            manager.use(urls["a"], 0.6)
+            assert len(source.requests) == downloads
+        finally:
+            manager.cache.root.unlink()
+    assert_same_state(effective_state(pipe), first_a_state, "A after B")
+    assert_images_close(render(pipe), first_a)
 
 
 def test_loaded_adapters_are_bounded(manager, pipe, tars):
@@ -206,7 +234,7 @@ def test_loaded_adapters_are_bounded(manager, pipe, tars):
 
 
 def test_lora_for_another_base_model_is_refused_and_base_kept(manager, pipe, tmp_path):
-    base = render(pipe)
+    base, base_state = render(pipe), effective_state(pipe)
     unet = tiny_unet()
     state = random_peft_lora(unet, 9)
     wrong = {k: (torch.zeros(v.shape[0], v.shape[1] * 2) if "lora_A" in k else v) for k, v in state.items()}
@@ -217,12 +245,13 @@ def test_lora_for_another_base_model_is_refused_and_base_kept(manager, pipe, tmp
     with pytest.raises(wc.WeightsError, match="another base model") as error:
         manager.use(str(out), 0.6)
     assert "\n" not in str(error.value)
-    assert np.array_equal(render(pipe), base)
+    assert_same_state(effective_state(pipe), base_state, "base after a refused LoRA")
+    assert_images_close(render(pipe), base)
     assert not getattr(pipe.unet, "peft_config", {})
 
 
 def test_cancelled_load_rolls_back_to_base_and_retry_works(manager, pipe, tars, monkeypatch):
-    base = render(pipe)
+    base, base_state = render(pipe), effective_state(pipe)
     real_load = wm.LiveWeights._load_adapter
 
     def load_then_cancel(self, adapter, lora, label):
@@ -233,10 +262,11 @@ def test_cancelled_load_rolls_back_to_base_and_retry_works(manager, pipe, tars, 
     with pytest.raises(KeyboardInterrupt):
         manager.use(str(tars["a"]), 0.6)
     assert manager.active is None and not getattr(pipe.unet, "peft_config", {})
-    assert np.array_equal(render(pipe), base)
+    assert_same_state(effective_state(pipe), base_state, "base after a cancelled load")
+    assert_images_close(render(pipe), base)
     monkeypatch.setattr(wm.LiveWeights, "_load_adapter", real_load)
     manager.use(str(tars["a"]), 0.6)
-    assert not np.array_equal(render(pipe), base)
+    assert images_differ(render(pipe), base)
 
 
 def test_prompt_without_trigger_word_works_and_warns_once(manager, pipe, tars, caplog):
@@ -261,7 +291,7 @@ def test_embeddings_for_another_base_model_are_refused(manager, pipe, tmp_path):
 
 
 def test_full_unet_weights_apply_and_restore_exactly(manager, pipe, tars, tmp_path):
-    base = render(pipe)
+    base, base_state = render(pipe), effective_state(pipe)
     unet = tiny_unet()
     generator = torch.Generator().manual_seed(3)
     full = {k: v + 0.05 * torch.randn(v.shape, generator=generator)
@@ -271,11 +301,13 @@ def test_full_unet_weights_apply_and_restore_exactly(manager, pipe, tars, tmp_pa
                               special_params={"TOK": "<s0><s1>"}, training_config={},
                               unet_layout=UNetLayout.from_unet_config(unet.config), unet_full_state=full)
     manager.use(str(tars["a"]), 0.6)
-    with_a = render(pipe)
+    with_a, a_state = render(pipe), effective_state(pipe)
     manager.use(str(out), 0.6)
     with_full = render(pipe)
-    assert not np.array_equal(with_full, base) and not np.array_equal(with_full, with_a)
+    assert images_differ(with_full, base) and images_differ(with_full, with_a)
     manager.use(str(tars["a"]), 0.6)
-    assert np.array_equal(render(pipe), with_a), "LoRA weights after full weights: the full weights are undone"
+    assert_same_state(effective_state(pipe), a_state, "LoRA weights after full weights: the full weights are undone")
+    assert_images_close(render(pipe), with_a)
     manager.use(None, 0.6)
-    assert np.array_equal(render(pipe), base)
+    assert_same_state(effective_state(pipe), base_state, "base after full weights")
+    assert_images_close(render(pipe), base)
