@@ -10,6 +10,7 @@ from peft import LoraConfig, get_peft_model_state_dict
 
 from pti.formats import lora_formats as lf
 from pti.models.tiny_models import tiny_configs
+from weights_fixtures import cog_sdxl_lora_by_hand
 
 SDXL_UNET_CONFIG = dict(
     sample_size=128, in_channels=4, out_channels=4,
@@ -193,12 +194,17 @@ def test_split_embeddings_by_trigger_takes_each_triggers_rows():
 
 def test_cog_sdxl_layout_converts_to_peft_exactly():
     modules = [m for m in SOME_SDXL_MODULES if ".attn" in m]
-    lora = lf.peft_lora(random_peft_state(modules), lora_alpha=4.0)  # alpha = rank: cog-sdxl's scale 1
-    cog = lf.peft_to_cog_sdxl_lora(lora)
+    state = random_peft_state(modules, rank=4)
+    cog = cog_sdxl_lora_by_hand(state, alpha=6.0)  # alpha != rank: the scale 1.5 lives in the up weights
     assert "down_blocks.1.attentions.1.transformer_blocks.1.attn2.processor.to_out_lora.up.weight" in cog
     back = lf.cog_sdxl_lora_to_peft(cog)
-    assert back.alphas == lora.alphas
-    assert all(torch.equal(back.state[k], v) for k, v in lora.state.items())
+    assert back.state.keys() == state.keys()
+    assert back.alphas == {m: 4.0 for m in modules}, "cog-sdxl has no alpha: scale 1"
+    for m in modules:
+        assert torch.equal(back.state[m + ".lora_A.weight"], state[m + ".lora_A.weight"])
+        assert torch.equal(back.state[m + ".lora_B.weight"], state[m + ".lora_B.weight"] * 1.5)
+    ours = lf.peft_to_cog_sdxl_lora(lf.peft_lora(state, lora_alpha=6.0))
+    assert ours.keys() == cog.keys() and all(torch.equal(ours[k], v) for k, v in cog.items())
     emb = lf.cog_sdxl_embeddings({"text_encoders_0": torch.ones(2, 768), "text_encoders_1": torch.ones(2, 1280)})
     assert emb["clip_l"].shape == (2, 768) and emb["clip_g"].shape == (2, 1280)
     with pytest.raises(lf.LoraFormatError, match="text_encoders_1"):

@@ -70,6 +70,27 @@ def write_trained_tar(folder: Path, seed: int, unet=None, trigger: str = "TOK") 
     return export.pack_tar(out, folder / f"trained_model_{seed}.tar")
 
 
+COG_SDXL_PROJECTIONS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out"}
+
+
+def cog_sdxl_lora_by_hand(peft_state: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
+    """A PEFT attention LoRA written the way replicate/cog-sdxl's trainer writes ``lora.safetensors``, built from its
+    key names and not from our converters: ``unet_attn_processors_state_dict`` over ``LoRAAttnProcessor2_0``, so
+    ``<attention>.processor.<to_q|to_k|to_v|to_out>_lora.<down|up>.weight``. Its LoRALinearLayer has no alpha
+    (scale 1), so ``alpha / rank`` has to be multiplied into ``up``."""
+    out = {}
+    for key, value in peft_state.items():
+        match = re.fullmatch(r"(.+\.attn[12])\.(to_q|to_k|to_v|to_out\.0)\.lora_([AB])\.weight", key)
+        assert match, key
+        attention, projection, which = match.groups()
+        prefix = f"{attention}.processor.{COG_SDXL_PROJECTIONS[projection]}_lora"
+        if which == "A":
+            out[prefix + ".down.weight"] = value
+        else:
+            out[prefix + ".up.weight"] = value * (alpha / value.shape[1])
+    return out
+
+
 def write_cog_sdxl_tar(folder: Path, seed: int, unet=None) -> Path:
     """A tar in replicate/cog-sdxl's layout: ``lora.safetensors`` with LoRAAttnProcessor keys (``<attention>.processor.
     to_q_lora.down.weight``; rank from ``up``), ``embeddings.pti`` (``text_encoders_0/1``), ``special_params.json``."""
