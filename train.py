@@ -2,9 +2,10 @@
 
 Flow: preprocess the upload into a dataset folder → :func:`trainer.train_model` → :func:`export.pack_tar`.
 Callable from plain Python too (tests, ``cog_local.py``): arguments left out take their ``Input`` default.
-Under ``accelerate launch`` every process trains its slice of each batch; only the main process writes the tar
-(the others return the same path, unwritten). A failed run raises :class:`failures.RunFailed` (one line) and leaves
-no work folder behind.
+Under ``accelerate launch`` / ``torchrun`` (one machine) all processes share the main process's work folder: the
+main process preprocesses the upload once, on its own device, while the others wait for it on the file system;
+every process trains its slice of each batch; only the main process writes the tar (the others return the same
+path) and cleans up. A failed run raises :class:`failures.RunFailed` (one line) and leaves no work folder behind.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ from pti.training import failures
 import preprocess
 from pti.preprocessing.captioning import DEFAULT_CAPTIONER
 from dataset_and_utils import parse_token_string
+from pti.models.base_model import pick_runtime, release_cached_memory
 from pti.training.optim import OPTIMIZERS, SCHEDULERS
+from pti.training.process_sync import SharedStep
 from pti.preprocessing.safe_archive import safe_extract
-from pti.training.trainer import DEFAULT_LORA_TARGETS, TrainingSettings, train_model
+from pti.training.trainer import DEFAULT_LORA_TARGETS, TrainingSettings, check_runtime, train_model
 
 
 TAR_NAME = "trained_model.tar"
@@ -125,31 +128,67 @@ def train(
                                        "folder, or the checkpoints folder the interrupted run logged", default=None),
 ) -> TrainingOutput:
     args = {name: _plain(value) for name, value in locals().items()}
-    work = PlainPath(tempfile.mkdtemp(prefix="cog-sdxl-train-"))
+    state = PartialState(cpu=pick_runtime().device.type == "cpu")  # the process group, under torchrun
+    work = _shared_work_folder(state)
     try:
         with failures.stage("checking the settings"):
             settings = _training_settings(args, work)
             settings.validate()  # cheap checks before the (slow) preprocessing
+            check_runtime(settings)  # e.g. adamw8bit without CUDA or bitsandbytes
         with failures.stage("preprocessing"):
-            preprocess.preprocess(PlainPath(args["input_images"]), settings.dataset_dir, _preprocess_settings(args))
-            if settings.class_data_dir is not None:
-                _unpack_class_images(args["class_images"], settings.class_data_dir, args["input_images_filetype"])
+            _preprocess_once(args, settings, state, work)
         with failures.stage("training"):
             result = train_model(settings)
         tar_path = work / TAR_NAME
-        if PartialState().is_main_process:  # under `accelerate launch` only the main process writes the artifact
+        if state.is_main_process:  # under `accelerate launch` only the main process writes the artifact
             with failures.stage(f"writing {TAR_NAME}"):
                 _add_dataset_preview(settings.dataset_dir, result.output_dir)
                 export.pack_tar(result.output_dir, tar_path)
     except BaseException:
-        shutil.rmtree(work, ignore_errors=True)  # a failed run leaves nothing behind
+        if state.is_main_process:  # the work folder is the main process's; a failed run leaves nothing behind
+            shutil.rmtree(work, ignore_errors=True)
         raise
-    for leftover in (settings.dataset_dir, settings.output_dir, settings.checkpoint_dir, settings.class_data_dir):
-        if leftover is not None:
-            shutil.rmtree(leftover, ignore_errors=True)
-    if not tar_path.exists():  # a non-main process of a multi-process run: nothing to hand back
-        shutil.rmtree(work, ignore_errors=True)
+    if state.is_main_process:
+        SharedStep(work, "train", "preprocessing").clear()
+        for leftover in (settings.dataset_dir, settings.output_dir, settings.checkpoint_dir, settings.class_data_dir):
+            if leftover is not None:
+                shutil.rmtree(leftover, ignore_errors=True)
     return TrainingOutput(weights=Path(tar_path))
+
+
+def _shared_work_folder(state: PartialState) -> PlainPath:
+    """A fresh work folder, created by the main process and shared by all (one machine): every process reads the
+    same dataset and class-image folders."""
+    folder = tempfile.mkdtemp(prefix="cog-sdxl-train-") if state.is_main_process else ""
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        folder = broadcast_object_list([folder])[0]
+    return PlainPath(folder)
+
+
+def _preprocess_once(args: dict, settings: TrainingSettings, state: PartialState, work: PlainPath) -> None:
+    """The main process preprocesses the upload on its own device (not every process on GPU 0) and frees the
+    captioner/masker memory before training; the others wait on the file system, holding no collective."""
+    step = SharedStep(work, "train", "preprocessing")
+    if not state.is_main_process:
+        step.wait()
+        return
+    device = state.device if state.num_processes > 1 else pick_runtime().device
+    try:
+        preprocess.preprocess(PlainPath(args["input_images"]), settings.dataset_dir,
+                              _preprocess_settings(args, str(device)))
+        if settings.class_data_dir is not None:
+            _unpack_class_images(args["class_images"], settings.class_data_dir, args["input_images_filetype"])
+    except BaseException as error:
+        if state.num_processes > 1:
+            step.mark_failed(failures.explain(error, "preprocessing") if isinstance(error, Exception) else
+                             type(error).__name__)
+        raise
+    finally:
+        release_cached_memory(device)
+    if state.num_processes > 1:
+        step.mark_done()
 
 
 def _training_settings(args: dict, work: PlainPath) -> TrainingSettings:
@@ -224,8 +263,9 @@ def _plain(value):
     return value.default if isinstance(value, FieldInfo) else value
 
 
-def _preprocess_settings(args: dict) -> preprocess.PreprocessSettings:
+def _preprocess_settings(args: dict, device: str | None = None) -> preprocess.PreprocessSettings:
     return preprocess.PreprocessSettings(
+        device=device,
         resolution=args["resolution"],
         token_string=parse_token_string(args["token_string"])[0].word,  # preprocess keeps one trigger word's case
         caption_prefix=args["caption_prefix"],

@@ -48,7 +48,7 @@ def test_gpu_requirements_are_the_cpu_pins_with_the_cuda_build_of_the_same_torch
     gpu_pins = {line for line in gpu_text.splitlines() if "==" in line}
     cuda_tag = "cu" + COG_YAML["build"]["cuda"].replace(".", "")
     torch_pin = next(pin for pin in cpu_pins if pin.startswith("torch=="))
-    assert gpu_pins == cpu_pins - {torch_pin} | {f"{torch_pin}+{cuda_tag}"}
+    assert gpu_pins == cpu_pins - {torch_pin} | {f"{torch_pin}+{cuda_tag}"} | set(gpu_requirements.GPU_ONLY_PINS)
     assert f"--extra-index-url https://download.pytorch.org/whl/{cuda_tag}" in gpu_text.splitlines()
 
 

@@ -1,6 +1,10 @@
 """SDXL image generation for the predictor: txt2img, img2img and inpaint pipelines over one set of components,
-the refiner (sharing the base's VAE and second text encoder), schedulers by name, the safety checker, the
-invisible watermark, and writing the images as webp/jpg/png.
+the refiner (sharing the base's VAE and second text encoder, loaded on the first request that asks for it),
+schedulers by name, the safety checker, the invisible watermark, and writing the images as webp/jpg/png.
+
+Every call starts from the same state: the shared VAE back in its loaded dtype (diffusers' img2img/inpaint upcast
+it to float32 and back, and an exception in between would leave it float32), VAE slicing/tiling on only when the
+request's images would not fit in free memory otherwise.
 
 Nothing here knows about Cog; :mod:`predict` turns Cog inputs into a :class:`GenerationRequest`.
 """
@@ -9,8 +13,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +37,18 @@ from diffusers.pipelines.stable_diffusion_xl.watermark import StableDiffusionXLW
 from PIL import Image, UnidentifiedImageError
 from transformers import CLIPImageProcessor
 
-from pti.models.base_model import MINI_WORLD, TINY, Runtime, is_hub_id, load_sdxl_pipeline, model_spec, pick_runtime
+from pti.models.base_model import (
+    MINI_WORLD,
+    TINY,
+    Runtime,
+    allow_tf32,
+    free_bytes,
+    load_sdxl_pipeline,
+    model_spec,
+    pick_runtime,
+    pretrained_kwargs,
+    resolve_source,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +75,10 @@ REFINE_MODES = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
 OUTPUT_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 MAX_OUTPUTS = 4
 REFINER_STRENGTH = 0.3  # how much of the schedule base_image_refiner re-runs (the refiner pipeline's default)
+# Peak bytes of the VAE decoder per output pixel and per byte of its dtype (the 128/256-channel feature maps at full
+# resolution, a few alive at once): ≈1 GiB per 1024² image in half precision. Slicing decodes one image at a time;
+# tiling decodes overlapping tiles (slightly different pixels at the seams: used only when one image does not fit).
+VAE_DECODE_BYTES_PER_PIXEL_PER_ELEMENT_BYTE = 512
 
 
 class GenerationInputError(ValueError):
@@ -130,42 +150,58 @@ class GenerationRequest:
 
 @dataclass
 class SDXLModels:
-    """The loaded models. ``txt2img``, ``img2img`` and ``inpaint`` share every component object."""
+    """The loaded models. ``txt2img``, ``img2img`` and ``inpaint`` share every component object; the refiner
+    (needed by two of the three refine modes) loads on the first request that asks for it (:meth:`refiner`)."""
 
     runtime: Runtime
     settings: ModelSettings
     txt2img: StableDiffusionXLPipeline
     img2img: StableDiffusionXLImg2ImgPipeline
     inpaint: StableDiffusionXLInpaintPipeline
-    refiner: StableDiffusionXLImg2ImgPipeline
     safety_checker: StableDiffusionSafetyChecker
     feature_extractor: CLIPImageProcessor
     watermarker: StableDiffusionXLWatermarker
     scheduler_config: dict
-    refiner_scheduler_config: dict
+    vae_dtype: torch.dtype  # the shared VAE's dtype as loaded; every call starts from it
+    loaded_refiner: StableDiffusionXLImg2ImgPipeline | None = None
+    refiner_scheduler_config: dict | None = None
+    _refiner_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def text_pipelines(self) -> list:
-        """Every pipeline that tokenizes prompts, the base first (trained weights swap tokenizers on all)."""
-        return [self.txt2img, self.img2img, self.inpaint, self.refiner]
+        """Every pipeline that tokenizes prompts, the base first (trained weights swap tokenizers on all). The
+        refiner, loaded later, takes the base's current second tokenizer on each call."""
+        return [self.txt2img, self.img2img, self.inpaint]
+
+    def refiner(self) -> StableDiffusionXLImg2ImgPipeline:
+        """The refiner, loaded on first use (sharing the base's VAE and second text encoder)."""
+        with self._refiner_lock:
+            if self.loaded_refiner is None:
+                refiner = _load_refiner(self.settings.refiner_model, self.txt2img, self.runtime)
+                refiner.set_progress_bar_config(disable=True)
+                self.refiner_scheduler_config = dict(refiner.scheduler.config)
+                self.loaded_refiner = refiner
+            self.loaded_refiner.tokenizer_2 = self.txt2img.tokenizer_2  # the active trained weights' tokens
+            return self.loaded_refiner
 
 
 def load_models(settings: ModelSettings, runtime: Runtime | None = None) -> SDXLModels:
-    """Load the base pipeline, build img2img/inpaint on its components, load the refiner and the safety checker."""
+    """Load the base pipeline, build img2img/inpaint on its components, and load the safety checker (the refiner
+    loads on first use)."""
     runtime = runtime or pick_runtime(settings.precision)
+    allow_tf32(runtime.device)
     txt2img = load_sdxl_pipeline(settings.base_model, runtime)
     components = txt2img.components
     img2img = StableDiffusionXLImg2ImgPipeline(**components)
     inpaint = StableDiffusionXLInpaintPipeline(**components)
-    refiner = _load_refiner(settings.refiner_model, txt2img, runtime)
     safety_checker, feature_extractor = _load_safety_checker(settings, runtime)
-    for pipe in (img2img, inpaint, refiner):
+    for pipe in (img2img, inpaint):
         pipe.set_progress_bar_config(disable=True)
     return SDXLModels(
-        runtime=runtime, settings=settings, txt2img=txt2img, img2img=img2img, inpaint=inpaint, refiner=refiner,
+        runtime=runtime, settings=settings, txt2img=txt2img, img2img=img2img, inpaint=inpaint,
         safety_checker=safety_checker, feature_extractor=feature_extractor,
         watermarker=StableDiffusionXLWatermarker(), scheduler_config=dict(txt2img.scheduler.config),
-        refiner_scheduler_config=dict(refiner.scheduler.config),
+        vae_dtype=txt2img.vae.dtype,
     )
 
 
@@ -176,10 +212,10 @@ def _load_refiner(spec: str, base: StableDiffusionXLPipeline, runtime: Runtime) 
 
         source = ensure_tiny_refiner()
     else:
-        source = spec
-    kwargs: dict = {"dtype": runtime.dtype if runtime.device.type == "cuda" else torch.float32}
-    if is_hub_id(source) and runtime.dtype == torch.float16:
-        kwargs.update(variant="fp16", use_safetensors=True)
+        source = resolve_source(spec) if not Path(spec).expanduser().is_dir() else Path(spec).expanduser()
+    kwargs = pretrained_kwargs(source, runtime)
+    if runtime.device.type != "cuda":
+        kwargs["dtype"] = torch.float32
     refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(
         source, vae=base.vae, text_encoder_2=base.text_encoder_2, tokenizer_2=base.tokenizer_2, **kwargs)
     return refiner.to(runtime.device)
@@ -196,10 +232,18 @@ def _load_safety_checker(settings: ModelSettings, runtime: Runtime) -> tuple[Sta
         tiny = ensure_tiny_safety_checker()
         checker_folder, extractor_folder = tiny / "safety_checker", tiny / "feature_extractor"
     checker = StableDiffusionSafetyChecker.from_pretrained(
-        checker_folder if checker_source == TINY else checker_source,
+        checker_folder if checker_source == TINY else _local_first(checker_source),
         dtype=runtime.dtype if runtime.device.type == "cuda" else torch.float32)
-    extractor = CLIPImageProcessor.from_pretrained(extractor_folder if extractor_source == TINY else extractor_source)
+    extractor = CLIPImageProcessor.from_pretrained(
+        extractor_folder if extractor_source == TINY else _local_first(extractor_source))
     return checker.to(runtime.device), extractor
+
+
+def _local_first(spec: Path | str) -> Path | str:
+    """A folder as given; a hub repo id through the weights folder's copy when there is one."""
+    if Path(spec).expanduser().is_dir():
+        return Path(spec).expanduser()
+    return resolve_source(str(spec))
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -273,12 +317,73 @@ def _set_call_state(pipe, models: SDXLModels, scheduler: str, apply_watermark: b
     pipe.watermark = models.watermarker if apply_watermark else None
 
 
+def restore_shared_state(models: SDXLModels) -> None:
+    """Undo what an interrupted call may have left on the shared components: diffusers' img2img/inpaint
+    ``prepare_latents`` upcast the VAE to float32 and cast it back afterwards, so an exception (an out-of-memory
+    error) in between leaves it float32 for every later call."""
+    if models.txt2img.vae.dtype != models.vae_dtype:
+        logger.warning("VAE found in %s after an interrupted call; back to %s", models.txt2img.vae.dtype,
+                       models.vae_dtype)
+        models.txt2img.vae.to(dtype=models.vae_dtype)
+
+
+def vae_decode_bytes(width: int, height: int, dtype: torch.dtype) -> int:
+    """Estimated peak bytes of decoding one ``width`` x ``height`` image with the VAE in ``dtype``."""
+    element = torch.tensor([], dtype=dtype).element_size()
+    return width * height * element * VAE_DECODE_BYTES_PER_PIXEL_PER_ELEMENT_BYTE
+
+
+@dataclass(frozen=True)
+class DecodePlan:
+    slicing: bool  # decode one image at a time (same pixels)
+    tiling: bool  # decode in tiles (one image alone would not fit)
+
+
+def plan_vae_decode(width: int, height: int, num_images: int, dtype: torch.dtype, free: int) -> DecodePlan:
+    """Slicing when the request's images decoded together would not fit in ``free`` bytes, tiling when one
+    would not; neither otherwise (the fastest decode, and tiling changes pixels)."""
+    one = vae_decode_bytes(width, height, dtype)
+    return DecodePlan(slicing=one * num_images > free, tiling=one > free)
+
+
+def configure_vae_decode(models: SDXLModels, width: int, height: int, num_images: int) -> DecodePlan:
+    vae = models.txt2img.vae
+    plan = plan_vae_decode(width, height, num_images, models.vae_dtype, free_bytes(models.runtime.device))
+    vae.enable_slicing() if plan.slicing else vae.disable_slicing()
+    vae.enable_tiling() if plan.tiling else vae.disable_tiling()
+    if plan.slicing or plan.tiling:
+        logger.info("VAE decode of %d image(s) at %dx%d: slicing=%s tiling=%s (free memory)", num_images, width,
+                    height, plan.slicing, plan.tiling)
+    return plan
+
+
+def capped_input_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
+    """An img2img input's working size: scaled down (aspect kept) so no side exceeds ``max_side``, and rounded
+    down to multiples of 8 (the VAE's factor)."""
+    width, height = size
+    scale = min(1.0, max_side / max(width, height))
+    return tuple(max(8, int(side * scale) // 8 * 8) for side in (width, height))
+
+
+def cap_input_image(image: Image.Image, settings: ModelSettings) -> Image.Image:
+    """The img2img input at its capped size (an unbounded upload would run out of memory in the VAE)."""
+    size = capped_input_size(image.size, settings.max_image_side)
+    if size == image.size:
+        return image
+    logger.info("img2img input resized from %dx%d to %dx%d", *image.size, *size)
+    return image.resize(size, Image.Resampling.LANCZOS)
+
+
 def generate(models: SDXLModels, request: GenerationRequest, prompt: str) -> list[Image.Image]:
     """Run the request (``prompt`` is the prompt with trigger words already expanded); return PIL images."""
+    restore_shared_state(models)
     pipe, kwargs = _mode_pipeline(models, request)
+    width, height = kwargs["image"].size if request.mode == "img2img" else (request.width, request.height)
+    configure_vae_decode(models, width, height, request.num_outputs)
     refine = request.refine != "no_refiner"
+    refiner = models.refiner() if refine else None
     _set_call_state(pipe, models, request.scheduler, request.apply_watermark and not refine, models.scheduler_config)
-    generator = torch.Generator(models.runtime.device.type).manual_seed(request.seed)
+    generator = models.runtime.generator(request.seed)
     common = dict(prompt=[prompt] * request.num_outputs, negative_prompt=[request.negative_prompt] * request.num_outputs,
                   guidance_scale=request.guidance_scale, generator=generator,
                   num_inference_steps=request.num_inference_steps)
@@ -290,7 +395,7 @@ def generate(models: SDXLModels, request: GenerationRequest, prompt: str) -> lis
         images = pipe(**common, **kwargs).images
         if not refine:
             return images
-        _set_call_state(models.refiner, models, request.scheduler, request.apply_watermark,
+        _set_call_state(refiner, models, request.scheduler, request.apply_watermark,
                         models.refiner_scheduler_config)
         refiner_kwargs: dict = {"image": images}
         if request.refine == "expert_ensemble_refiner":
@@ -298,7 +403,7 @@ def generate(models: SDXLModels, request: GenerationRequest, prompt: str) -> lis
         else:
             refiner_kwargs["strength"] = REFINER_STRENGTH
             common["num_inference_steps"] = request.refine_steps or request.num_inference_steps
-        return models.refiner(**common, **refiner_kwargs).images
+        return refiner(**common, **refiner_kwargs).images
 
 
 def _mode_pipeline(models: SDXLModels, request: GenerationRequest) -> tuple[object, dict]:
@@ -308,7 +413,8 @@ def _mode_pipeline(models: SDXLModels, request: GenerationRequest) -> tuple[obje
                                     strength=request.prompt_strength, width=request.width, height=request.height)
     if request.mode == "img2img":
         # Like cog-sdxl: img2img keeps the input image's size.
-        return models.img2img, dict(image=load_input_image(request.image, "image"), strength=request.prompt_strength)
+        image = cap_input_image(load_input_image(request.image, "image"), models.settings)
+        return models.img2img, dict(image=image, strength=request.prompt_strength)
     return models.txt2img, dict(width=request.width, height=request.height)
 
 

@@ -123,10 +123,13 @@ def capture_rng() -> dict[str, torch.Tensor]:
 
 
 def restore_rng(states: dict[str, torch.Tensor]) -> None:
+    """Restore the CPU state and the state of each GPU the checkpoint saw that this machine has (a resume on a
+    machine with fewer GPUs, or none, restores what exists)."""
     torch.set_rng_state(states["torch_cpu"])
-    cuda = [states[f"torch_cuda_{i}"] for i in range(sum(k.startswith("torch_cuda_") for k in states))]
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda)
+    saved = sum(k.startswith("torch_cuda_") for k in states)
+    present = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for index in range(min(saved, present)):
+        torch.cuda.set_rng_state(states[f"torch_cuda_{index}"], index)
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

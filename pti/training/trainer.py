@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import math
 import random
+import uuid
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -42,9 +43,13 @@ from pti.training.failures import check_finite, out_of_memory
 from pti.formats.lora_formats import UNetLayout
 from pti.training.losses import compute_snr, masked_mse_per_sample, min_snr_weights, offset_noise, pyramid_noise
 from pti.training.optim import SCHEDULERS, ParamGroup, ProdigySettings, build_optimizer, build_scheduler, check_optimizer_available
+from pti.training.process_sync import PeerFailed, SharedStep
 from pti.training.step_hooks import StepHooks
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+PIVOT_ENCODE_CHUNK = 16  # captions encoded per text-encoder call at the pivot (hidden states of all at once spike)
+INITIAL_LOSS_SCALE = 2.0**16
+MIN_LOSS_SCALE = 1.0  # fp16 loss scaling that has fallen this far is not an overflow but a diverged run
 
 
 class SettingsError(ValueError):
@@ -250,6 +255,7 @@ class Trainer:
         self.loss_history: list[float] = []
         self.sample_images: list[Path] = []
         self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.run_id = uuid.uuid4().hex[:12]  # names this run's markers in shared folders (Trainer.create: the main's)
         self.output_dir = Path(settings.output_dir)
         self.step_hooks: StepHooks = StepHooks()  # phase timing for benchmarks; no-op by default
         self.checkpoint_dir = Path(settings.checkpoint_dir
@@ -261,16 +267,21 @@ class Trainer:
     def create(cls, settings: TrainingSettings) -> Trainer:
         from accelerate import Accelerator
 
-        runtime = base_model.pick_runtime(settings.precision, settings.device)
-        check_optimizer_available(settings.optimizer, runtime.device)
-        accelerator = Accelerator(cpu=runtime.device.type == "cpu")
+        runtime = check_runtime(settings)
+        # The precision is the trainer's own (Runtime.autocast, and loss scaling for fp16 below); "no" keeps an
+        # `accelerate launch --mixed_precision` from adding a second autocast and a loss scale nothing unscales.
+        accelerator = Accelerator(cpu=runtime.device.type == "cpu", mixed_precision="no")
+        run_id = uuid.uuid4().hex[:12]
         if accelerator.num_processes > 1:
-            settings = dataclasses.replace(settings, seed=_main_process_seed(settings.seed))
+            seed, run_id = _from_main_process(settings.seed, run_id)
+            settings = dataclasses.replace(settings, seed=seed)
         plan = plan_training(settings, accelerator.num_processes)
         if accelerator.num_processes > 1:
             runtime = dataclasses.replace(runtime, device=accelerator.device)
+        base_model.allow_tf32(runtime.device)
         pipe = base_model.load_sdxl_pipeline(settings.base_model, runtime)
         trainer = cls(settings, plan, pipe, runtime, accelerator)
+        trainer.run_id = run_id
         trainer._prepare()
         return trainer
 
@@ -299,6 +310,9 @@ class Trainer:
         self.class_dataset = None
         if s.class_data_dir is not None:
             self.plan.class_items = _class_items(s)
+            if not self.plan.class_items:
+                raise SettingsError(f"class_data_dir {s.class_data_dir} holds no images in this process; with "
+                                    "several processes it must be a folder all of them share")
             self.class_dataset = CachedDataset.build(self.plan.class_items, pipe.vae, [], resize_to=s.resolution,
                                                      flip=s.flip_augmentation, device=self.runtime.device,
                                                      dtype=self.runtime.vae_dtype, show_progress=show)
@@ -315,6 +329,8 @@ class Trainer:
         if unet.dtype != self.runtime.dtype:
             unet.to(dtype=self.runtime.dtype)  # frozen weights in the compute dtype: no per-step casts
         unet.requires_grad_(False)
+        if not s.is_lora:
+            self._refuse_full_finetune_that_cannot_fit(unet)
         if s.is_lora:
             from peft import LoraConfig
 
@@ -332,14 +348,29 @@ class Trainer:
             for encoder in self.text_encoders:
                 encoder.gradient_checkpointing_enable()
         self.unet = unet
-        self.unet_for_training = self.accelerator.prepare_model(unet)
+        # The UNet already sits on runtime.device (cuda:N with SDXL_DEVICE); accelerate's own placement would move a
+        # single process's UNet to "cuda" (GPU 0) and leave everything else on cuda:N.
+        self.unet_for_training = self.accelerator.prepare_model(unet, device_placement=False)
+        self.loss_scaler = torch.amp.GradScaler(self.runtime.device.type, init_scale=INITIAL_LOSS_SCALE,
+                                                enabled=needs_loss_scaling(self.runtime))
         if s.compile_unet:  # the training forward only: samples use the eager UNet and cause no recompilation
             self.unet_for_training = torch.compile(self.unet_for_training)
+
+    def _refuse_full_finetune_that_cannot_fit(self, unet) -> None:
+        """A full fine-tune's float32 weights, gradients and optimizer state must fit before anything trains."""
+        from pti.training.memory_fit import free_bytes, full_finetune_refusal
+
+        params = list(unet.parameters())
+        refusal = full_finetune_refusal(sum(p.numel() for p in params), params[0].element_size(),
+                                        self.settings.optimizer, free_bytes(self.runtime.device),
+                                        self.runtime.device.type == "cuda")
+        if refusal is not None:
+            raise SettingsError(refusal)
 
     def _use_gradient_checkpointing(self, unet) -> bool:
         if self.settings.gradient_checkpointing is not None:
             return self.settings.gradient_checkpointing
-        from pti.training.memory_fit import needs_gradient_checkpointing
+        from pti.training.memory_fit import needs_gradient_checkpointing, training_state_bytes
 
         instances = 2 if self.class_dataset is not None else 1  # prior preservation doubles the batch
         text_width = sum(encoder.config.hidden_size for encoder in self.text_encoders)
@@ -348,7 +379,9 @@ class Trainer:
             latent_size=tuple(self.dataset.items[0].latents.shape[-2:]),
             text_shape=(self.pipe.tokenizer.model_max_length, text_width),
             pooled_dim=self.text_encoders[1].config.projection_dim, device=self.runtime.device,
-            autocast=self.runtime.autocast())
+            autocast=self.runtime.autocast(),
+            reserved_bytes=training_state_bytes(sum(p.numel() for p in unet.parameters() if p.requires_grad),
+                                                self.settings.optimizer))
 
     def _build_optimizer(self) -> None:
         s = self.settings
@@ -373,9 +406,14 @@ class Trainer:
         folder = Path(s.class_data_dir)
         folder.mkdir(parents=True, exist_ok=True)
         missing = s.num_class_images - len(self.plan.class_items)
-        if self.accelerator.is_main_process:
-            for index in tqdm(range(missing), desc="class images", disable=not s.show_progress):
-                generator = torch.Generator(self.runtime.device).manual_seed(s.seed + index)
+        rank, processes = self.accelerator.process_index, self.accelerator.num_processes
+        step = SharedStep(folder, self.run_id, "class-images")
+        try:
+            # Every process renders its share (image i on process i mod N, from seed + i: the same images for any
+            # process count) into the folder they all read.
+            mine = class_image_indices(missing, rank, processes)
+            for index in tqdm(mine, desc="class images", disable=not (s.show_progress and rank == 0)):
+                generator = self.runtime.generator(s.seed + index)
                 with self.runtime.autocast():  # frozen weights may be half precision
                     image = self.pipe(s.class_prompt, height=s.resolution, width=s.resolution, generator=generator,
                                       num_inference_steps=s.validation_num_inference_steps).images[0]
@@ -383,7 +421,19 @@ class Trainer:
                 staging = target.with_name(f".{target.name}.tmp.png")
                 image.save(staging)
                 staging.replace(target)
-        self.accelerator.wait_for_everyone()
+        except Exception as error:
+            if processes > 1:
+                step.mark_failed(f"{type(error).__name__}: {error}", part=str(rank))
+            raise
+        if processes > 1:
+            step.mark_done(part=str(rank))
+            try:  # a file-based wait: no collective is pending while the slowest process renders
+                step.wait([str(r) for r in range(processes)])
+            except PeerFailed as error:
+                raise SettingsError(str(error)) from None
+            self.accelerator.wait_for_everyone()  # everyone has seen every marker: safe to remove them
+            if self.accelerator.is_main_process:
+                step.clear()
 
     # --------------------------------------------------------------------------------------------- training
 
@@ -434,7 +484,7 @@ class Trainer:
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet_for_training):
                     loss = self._loss(batch, generator)
                     with hooks.phase("backward"):
-                        self.accelerator.backward(loss / accumulation)
+                        self.accelerator.backward(self.loss_scaler.scale(loss / accumulation))
                 total += loss.detach().item() / accumulation
         except torch.OutOfMemoryError as error:
             raise out_of_memory(self.step + 1, self._memory_settings()) from error
@@ -446,16 +496,24 @@ class Trainer:
                         if rows.grad is None:  # no new token in this process's captions (caption dropout)
                             rows.grad = torch.zeros_like(rows)
                         rows.grad = self.accelerator.reduce(rows.grad, reduction="mean")
+            self.loss_scaler.unscale_(self.optimizer)  # clip (and check) the true gradients, not the scaled ones
             params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm or math.inf)
-            check_finite(self.step + 1, total, float(grad_norm), self._learning_rates(),
-                         full_precision=self.runtime.dtype == torch.float32)
-            self.optimizer.step()
+            if not self._loss_scale_overflow(total, float(grad_norm)):
+                check_finite(self.step + 1, total, float(grad_norm), self._learning_rates(),
+                             full_precision=self.runtime.dtype == torch.float32)
+            self.loss_scaler.step(self.optimizer)  # skipped (scale lowered) after an fp16 overflow
+            self.loss_scaler.update()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             if self.training_embeddings:
                 self.embeddings.retract_embeddings()
         return total
+
+    def _loss_scale_overflow(self, loss: float, grad_norm: float) -> bool:
+        """An fp16 gradient overflow at the current loss scale: the scaler skips this step and halves the scale."""
+        return (self.loss_scaler.is_enabled() and math.isfinite(loss) and not math.isfinite(grad_norm)
+                and self.loss_scaler.get_scale() > MIN_LOSS_SCALE)
 
     def _learning_rates(self) -> dict[str, float]:
         """The learning-rate settings of what trains in this step (for error messages)."""
@@ -548,9 +606,11 @@ class Trainer:
             captions += sorted({item.caption for item in self.class_dataset.items} - set(captions))
         if self.settings.caption_dropout > 0:
             captions.append("")
-        with torch.no_grad(), self.runtime.autocast():
-            embeds, pooled = encode_prompt(self.text_encoders, self.prompt_tokenizer(captions))
-        self._remember(captions, embeds, pooled)
+        for start in range(0, len(captions), PIVOT_ENCODE_CHUNK):  # chunks: the hidden states of all at once spike
+            chunk = captions[start:start + PIVOT_ENCODE_CHUNK]
+            with torch.no_grad(), self.runtime.autocast():
+                embeds, pooled = encode_prompt(self.text_encoders, self.prompt_tokenizer(chunk))
+            self._remember(chunk, embeds, pooled)
         if not self.settings.caption_shuffle:
             self._move_text_encoders(torch.device("cpu"))
 
@@ -598,7 +658,7 @@ class Trainer:
         paths = []
         with torch.random.fork_rng(devices=[]), self.runtime.autocast():  # frozen weights may be half precision
             for index, prompt in enumerate(s.validation_prompts):
-                generator = torch.Generator(self.runtime.device).manual_seed(s.seed + index)
+                generator = self.runtime.generator(s.seed + index)
                 image = self.pipe(replace_trigger_words(prompt, self.plan.triggers), height=height, width=width,
                                   num_inference_steps=s.validation_num_inference_steps, generator=generator).images[0]
                 path = folder / f"{tag}-{index}.png"
@@ -724,12 +784,31 @@ def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
-def _main_process_seed(seed: int) -> int:
-    """The main process's seed, for every process: a seed drawn per process (train.py's default) would give the
-    replicas different new-token rows and data orders."""
+def _from_main_process(seed: int, run_id: str) -> tuple[int, str]:
+    """The main process's seed and run id, for every process: a seed drawn per process (train.py's default) would
+    give the replicas different new-token rows and data orders."""
     from accelerate.utils import broadcast_object_list
 
-    return int(broadcast_object_list([seed])[0])
+    seed, run_id = broadcast_object_list([int(seed), str(run_id)])
+    return int(seed), str(run_id)
+
+
+def check_runtime(settings: TrainingSettings) -> base_model.Runtime:
+    """The runtime the settings ask for, refusing (one line, before any preprocessing or model load) what cannot
+    run on it, such as optimizer=adamw8bit off CUDA or without bitsandbytes."""
+    runtime = base_model.pick_runtime(settings.precision, settings.device)
+    check_optimizer_available(settings.optimizer, runtime.device)
+    return runtime
+
+
+def needs_loss_scaling(runtime: base_model.Runtime) -> bool:
+    """fp16 gradients underflow without a loss scale; bf16 and float32 have float32's exponent range."""
+    return runtime.dtype == torch.float16
+
+
+def class_image_indices(missing: int, rank: int, processes: int) -> list[int]:
+    """The class images process ``rank`` of ``processes`` renders: every ``processes``-th from ``rank``."""
+    return list(range(rank, missing, processes))
 
 
 def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
