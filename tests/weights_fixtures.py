@@ -58,16 +58,20 @@ def random_embeddings(seed: int, n_tokens: int = 2) -> dict[str, torch.Tensor]:
     return {k: torch.randn(n_tokens, width, generator=generator) for k, width in TINY_TEXT_WIDTHS.items()}
 
 
-def write_trained_tar(folder: Path, seed: int, unet=None, trigger: str = "TOK") -> Path:
-    """``folder/trained_model.tar`` as train() writes it (export.write_weight_files + pack_tar)."""
+def write_trained_tar(folder: Path, seed: int, unet=None, trigger: str = "TOK", zero_lora: bool = False) -> Path:
+    """``folder/trained_model.tar`` as train() writes it (export.write_weight_files + pack_tar); ``zero_lora``: the
+    LoRA's up weights are zero, so only the embeddings change anything."""
     unet = unet or tiny_unet()
-    out = folder / f"out{seed}"
+    lora = random_peft_lora(unet, seed)
+    if zero_lora:
+        lora = {k: torch.zeros_like(v) if "lora_B" in k else v for k, v in lora.items()}
+    out = folder / f"out{seed}{'-zero' if zero_lora else ''}"
     export.write_weight_files(
-        out, unet_lora_state=random_peft_lora(unet, seed), lora_alpha=4.0, embeddings=random_embeddings(seed),
+        out, unet_lora_state=lora, lora_alpha=4.0, embeddings=random_embeddings(seed),
         special_params={trigger: "<s0><s1>"}, training_config={"seed": seed},
         unet_layout=UNetLayout.from_unet_config(unet.config),
     )
-    return export.pack_tar(out, folder / f"trained_model_{seed}.tar")
+    return export.pack_tar(out, folder / f"trained_model_{seed}{'-zero' if zero_lora else ''}.tar")
 
 
 COG_SDXL_PROJECTIONS = {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out"}
