@@ -6,14 +6,18 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("COG_SDXL_CACHE", str(ROOT / ".cache"))
 os.environ.setdefault("SDXL_MODEL", "tiny")
-# One torch thread: the tiny models are too small to gain from two, and a fixed count keeps results bit-identical
-# between the test process and the subprocesses it compares against. Set before torch is imported anywhere.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
+# One torch thread by default (PTI_TEST_THREADS=2 runs on two): the tiny models are too small to gain from more,
+# and the subprocesses the tests start inherit the same count. Set before torch is imported anywhere.
+# MKL_CBWR is deliberately left alone: no test relies on bit-identical renders (see tests/exactness.py), and the
+# suite is run both with it unset and with MKL_CBWR=COMPATIBLE.
+from threads import TORCH_THREADS  # noqa: E402
+
+os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(TORCH_THREADS)
 
 SHARED_DATASETS = ROOT.parent / "shared" / "datasets"
 
@@ -22,7 +26,7 @@ def pytest_configure(config):
     import torch
     from hypothesis import settings
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(TORCH_THREADS)
     # The property and fuzz tests draw the same examples on every run, so CI is repeatable; explore further locally
     # with HYPOTHESIS_PROFILE=explore.
     settings.register_profile("repeatable", derandomize=True, database=None)

@@ -15,6 +15,7 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
+from threads import TORCH_THREADS
 from exactness import assert_images_close, assert_same_state, effective_state
 from weights_fixtures import cog_sdxl_lora_by_hand
 from pti.formats import export
@@ -66,7 +67,7 @@ def one_torch_thread():
     """Tiny models gain nothing from threads, and on a shared 2-core machine thread contention makes each small op
     several times slower."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TORCH_THREADS)
     yield
     torch.set_num_threads(threads)
 

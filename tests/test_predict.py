@@ -22,6 +22,7 @@ from PIL import Image
 from predict import Predictor
 from exactness import assert_images_close, assert_same_state, effective_state, images_differ
 from misbehaving_server import MisbehavingServer
+from threads import TORCH_THREADS
 from weights_fixtures import one_torch_thread  # noqa: F401  (autouse fixture)
 from weights_fixtures import tiny_unet, write_cog_sdxl_tar, write_trained_tar
 
@@ -37,7 +38,7 @@ FRESH_PROCESSES = textwrap.dedent("""
     import inspect, json, os, sys
     import numpy as np, torch
     from PIL import Image
-    torch.set_num_threads(1)  # as the one_torch_thread fixture
+    torch.set_num_threads({threads})  # as the one_torch_thread fixture
     sys.path[:0] = [{root!r}, {tests!r}]
     from predict import Predictor
     from exactness import effective_state
@@ -77,7 +78,8 @@ def fresh_images(tars, tmp_path_factory):
     cases = {"none": None, "a": str(tars["a"]), "b": str(tars["b"])}
     outputs = {name: folder / name for name in cases}
     process = subprocess.Popen(
-        [sys.executable, "-c", FRESH_PROCESSES.format(root=str(ROOT), tests=str(ROOT / "tests")),
+        [sys.executable, "-c",
+         FRESH_PROCESSES.format(root=str(ROOT), tests=str(ROOT / "tests"), threads=TORCH_THREADS),
          json.dumps([(weights, str(outputs[name])) for name, weights in cases.items()]), json.dumps(FAST)],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 

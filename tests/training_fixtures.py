@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from threads import TORCH_THREADS
+
 SIZE = 64
 HEADER = ["image_file", "mask_file", "caption", "original_width", "original_height", "crop_top", "crop_left",
           "width", "height"]
@@ -68,6 +70,6 @@ def single_torch_thread():
     import torch
 
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TORCH_THREADS)
     yield
     torch.set_num_threads(previous)

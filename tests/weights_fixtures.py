@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from pti.formats import export
+from threads import TORCH_THREADS
 from pti.formats.lora_formats import UNetLayout
 
 @pytest.fixture(scope="module", autouse=True)
@@ -20,7 +21,7 @@ def one_torch_thread():
     """Two cores shared by many processes: one torch thread per process is far faster than oversubscribing (a
     64x64 tiny image: 0.2 s instead of 6-12 s under load), and the fresh-process references use the same count."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(TORCH_THREADS)
     yield
     torch.set_num_threads(previous)
 
