@@ -11,7 +11,6 @@ import errno
 import io
 import json
 import logging
-import random
 import re
 import signal
 import subprocess
@@ -40,6 +39,7 @@ DRIVER = Path(__file__).with_name("training_driver.py")
 STEPS = 8
 CHECKPOINT_EVERY = 2
 CRASH_STEP = 4  # the crash-in-save run dies inside the save of this checkpoint
+KILL_STEP = 5  # the SIGKILLed run dies right after this step: between checkpoints 4 and 6, so it resumes from 4
 WEIGHT_FILES = ("pytorch_lora_weights.safetensors", "embeddings.safetensors")
 
 
@@ -62,7 +62,7 @@ def in_process_settings(values: dict) -> trainer.TrainingSettings:
 
 @dataclass
 class DriverRun:
-    """A training process; ``kill_at_step``: SIGKILL it as soon as it reports that step."""
+    """A training process; ``kill_at_step``: it SIGKILLs itself right after that optimizer step."""
 
     settings: dict
     kill_at_step: int | None = None
@@ -76,6 +76,8 @@ class DriverRun:
         args = [sys.executable, str(DRIVER), json.dumps(self.settings)]
         if self.crash_in_checkpoint:
             args += ["--crash-in-checkpoint", *map(str, self.crash_in_checkpoint)]
+        if self.kill_at_step is not None:
+            args += ["--kill-at-step", str(self.kill_at_step)]
         self.stderr_file = tempfile.TemporaryFile(mode="w+")
         self.process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=self.stderr_file, text=True)
         self.reader = threading.Thread(target=self._read, daemon=True)
@@ -85,8 +87,6 @@ class DriverRun:
     def _read(self) -> None:
         for line in self.process.stdout:
             self.lines.append(line.strip())
-            if self.kill_at_step is not None and line.strip() == f"step {self.kill_at_step}":
-                self.process.send_signal(signal.SIGKILL)
 
     def wait(self, timeout: float = 600) -> int:
         self.process.wait(timeout=timeout)
@@ -116,7 +116,7 @@ def interrupted_and_reference(dataset, tmp_path_factory):
     both with ``resume_from``: the first in a new process from its partial output folder, the second in this one
     from its last checkpoint (only what is on disk carries over either way)."""
     root = tmp_path_factory.mktemp("runs")
-    kill_step = random.Random().randint(CHECKPOINT_EVERY + 1, STEPS - 2)  # after at least one checkpoint
+    kill_step = KILL_STEP
     killed = DriverRun(run_settings(dataset, root / "killed" / "trained_model"), kill_at_step=kill_step).start()
     crashed = DriverRun(run_settings(dataset, root / "crashed" / "trained_model",
                                      checkpoint_dir=str(root / "crashed" / "checkpoints")),
@@ -140,14 +140,14 @@ def interrupted_and_reference(dataset, tmp_path_factory):
             "crashed_survivors": survivors, "crashed_last": last_checkpoint}
 
 
-def test_sigkill_at_a_random_step_then_resume_from_the_partial_output_gives_the_uninterrupted_weights(
+def test_sigkill_between_checkpoints_then_resume_from_the_partial_output_gives_the_uninterrupted_weights(
         interrupted_and_reference):
     runs = interrupted_and_reference
     killed_dir = runs["root"] / "killed" / "trained_model"
     print(f"\nSIGKILL after step {runs['kill_step']} of {STEPS}; resumed from {killed_dir}")
     assert f"step {runs['kill_step']}" in runs["killed"].lines and "done" not in runs["killed"].lines
     resumed_from_step = int(runs["resumed"].lines[0].split()[1]) - 1
-    assert CHECKPOINT_EVERY <= resumed_from_step <= runs["kill_step"], runs["resumed"][0].lines
+    assert resumed_from_step == KILL_STEP - KILL_STEP % CHECKPOINT_EVERY, runs["resumed"].lines
     assert_same_weights(weights(killed_dir), weights(runs["reference"]))
 
 

@@ -44,12 +44,16 @@ def settings_from_json(text: str) -> trainer.TrainingSettings:
     return trainer.TrainingSettings(**values)
 
 
-def report_steps() -> None:
+def report_steps(kill_at_step: int | None) -> None:
+    """Print ``step N`` after each optimizer step; SIGKILL this process right after step ``kill_at_step``, before
+    anything else of that step (its checkpoint) runs."""
     step_once = trainer.Trainer._optimizer_step
 
     def step_and_report(self) -> float:
         loss = step_once(self)
         print(f"step {self.step + 1}", flush=True)
+        if self.step + 1 == kill_at_step:
+            os.kill(os.getpid(), signal.SIGKILL)
         return loss
 
     trainer.Trainer._optimizer_step = step_and_report
@@ -76,9 +80,10 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("settings_json")
     parser.add_argument("--crash-in-checkpoint", nargs=2, type=int, metavar=("STEP", "FILE_INDEX"))
+    parser.add_argument("--kill-at-step", type=int)
     args = parser.parse_args()
-    torch.set_num_threads(1)  # the in-process reference run uses one thread too: same maths, same bits
-    report_steps()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))  # the test process's count (tests/threads.py)
+    report_steps(args.kill_at_step)
     if args.crash_in_checkpoint:
         crash_in_checkpoint(*args.crash_in_checkpoint)
     trainer.train_model(settings_from_json(args.settings_json))
