@@ -52,7 +52,8 @@ class Predictor(BasePredictor):
         return Path(tempfile.mkdtemp(dir=self.outputs_root))
 
     def setup(self, weights: Optional[Union[Path, str]] = None) -> None:
-        """Load the base model, refiner and safety checker once; preload ``weights`` (the default weights)."""
+        """Load the base model and safety checker once (from the weights folder when it has them: no network; the
+        refiner loads on the first request that asks for it); preload ``weights`` (the default weights)."""
         started = time.perf_counter()
         self.models = load_models(ModelSettings.from_env())
         self.weights = WeightsManager(self.models.text_pipelines, WeightsSettings.from_env())

@@ -10,14 +10,14 @@ import csv
 import logging
 import tempfile
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from pti.models.base_model import pick_runtime
+from pti.models.base_model import pick_runtime, resolve_source
 from pti.preprocessing.captioning import DEFAULT_CAPTIONER, automatic_captions, load_captioner, sidecar_captions, table_captions
 from pti.preprocessing.contact_sheet import SheetEntry, write_contact_sheet
 from pti.preprocessing.cropping import Crop, centre_of, centre_of_mass, crop_around, cut_mask, nearest_bucket, sdxl_buckets
@@ -117,6 +117,7 @@ def preprocess(input_images: Path, output_dir: Path, settings: PreprocessSetting
         raise PreprocessError(f"{output_dir}: output folder already exists and is not empty")
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     device = torch.device(settings.device) if settings.device else pick_runtime("fp32").device
+    settings = with_local_models(settings)
     with tempfile.TemporaryDirectory(prefix=f".{output_dir.name}.preprocess-", dir=output_dir.parent) as work:
         work_dir = Path(work)
         root = upload_root(input_images, work_dir, settings)
@@ -127,6 +128,20 @@ def preprocess(input_images: Path, output_dir: Path, settings: PreprocessSetting
         staging.rename(output_dir)
     logger.info("dataset of %d images written to %s", count, output_dir)
     return output_dir
+
+
+def local_first(model: str | None) -> str | None:
+    """A model setting as a folder when it is one, or through the weights folder's copy of a hub repo."""
+    if model is None or Path(model).expanduser().is_dir():
+        return model
+    return str(resolve_source(model))
+
+
+def with_local_models(settings: PreprocessSettings) -> PreprocessSettings:
+    """The settings with every hub model read from the weights folder where it has a copy (no network)."""
+    return replace(settings, captioning_model=local_first(settings.captioning_model),
+                   clipseg_model=local_first(settings.clipseg_model),
+                   upscaler_model=local_first(settings.upscaler_model))
 
 
 def build_dataset(upload_name: str, root: Path, staging: Path, settings: PreprocessSettings,

@@ -89,6 +89,10 @@ class NSFWError(ValueError):
     """Every image of the request was flagged by the safety checker."""
 
 
+class ModelUnavailableError(RuntimeError):
+    """A model a request needs (the refiner, loaded on first use) cannot be loaded here; one line."""
+
+
 @dataclass(frozen=True)
 class ModelSettings:
     """Which models the predictor loads (env ``SDXL_MODEL``, ``SDXL_REFINER_MODEL``, ``SAFETY_CHECKER_MODEL``,
@@ -177,7 +181,14 @@ class SDXLModels:
         """The refiner, loaded on first use (sharing the base's VAE and second text encoder)."""
         with self._refiner_lock:
             if self.loaded_refiner is None:
-                refiner = _load_refiner(self.settings.refiner_model, self.txt2img, self.runtime)
+                try:
+                    refiner = _load_refiner(self.settings.refiner_model, self.txt2img, self.runtime)
+                except OSError as error:
+                    reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+                    raise ModelUnavailableError(
+                        f"the refine modes need the refiner {self.settings.refiner_model}, which cannot be loaded "
+                        f"here ({reason}); download it into the weights folder (scripts/download_weights.py "
+                        "--only refiner) or use refine=no_refiner") from None
                 refiner.set_progress_bar_config(disable=True)
                 self.refiner_scheduler_config = dict(refiner.scheduler.config)
                 self.loaded_refiner = refiner
