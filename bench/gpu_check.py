@@ -171,11 +171,13 @@ def build_base_model(settings: CheckSettings, report: Report) -> str:
         return "tiny"
     import torch
 
+    from pti.models.base_model import release_cached_memory
     from pti.models.full_random_model import build_random_full_sdxl
 
     folder = settings.work / "random-full-sdxl"
     started = time.perf_counter()
     build_random_full_sdxl(folder, seed=0, dtype=torch.bfloat16, device=torch.device(settings.device))
+    release_cached_memory(torch.device(settings.device))  # the built copy is gone; train() loads the saved one
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     report.add("build SDXL on the device + save", f"{time.perf_counter() - started:.1f} s",
                note=f"random weights, bf16, {size / GIB:.1f} GiB on disk")
