@@ -155,8 +155,29 @@ def test_batches_hold_one_bucket_each_and_cover_every_image_per_epoch():
     assert _epoch_batches(0, 1, sizes, 2) != batches  # reshuffled every epoch
 
 
-def test_full_finetune_with_buckets_prior_preservation_and_every_option(tmp_path):
-    """Mixed image sizes (buckets) next to square class images, and every optional loss/data feature at once."""
+def spy(monkeypatch, module, name: str, calls: list) -> None:
+    """Replace ``module.name`` with a wrapper that records (args, result) of every call."""
+    real = getattr(module, name)
+
+    def recording(*args, **kwargs):
+        result = real(*args, **kwargs)
+        calls.append((args, result))
+        return result
+
+    monkeypatch.setattr(module, name, recording)
+
+
+def test_full_finetune_with_buckets_prior_preservation_and_every_option(tmp_path, monkeypatch):
+    """Mixed image sizes (buckets) next to square class images, and every optional loss/data feature at once; each
+    loss option is seen to act: min-SNR weights below 1, a per-channel noise offset, pyramid noise, Prodigy's own
+    optimizer state, and a class-image loss term every micro-step."""
+    from pti.training import trainer as trainer_module
+
+    calls = {name: [] for name in ("min_snr_weights", "offset_noise", "pyramid_noise")}
+    for name, recorded in calls.items():
+        spy(monkeypatch, trainer_module, name, recorded)
+    losses = []
+    spy(monkeypatch, Trainer, "_batch_losses", losses)
     dataset = write_dataset_folder(tmp_path / "dataset", CAPTIONS, widths=[64, 96, 64, 96])
     class_dir = tmp_path / "class"
     settings = make_settings(
@@ -168,6 +189,7 @@ def test_full_finetune_with_buckets_prior_preservation_and_every_option(tmp_path
     trainer = Trainer.create(settings)
     assert sorted(p.name for p in class_dir.glob("*.png")) == ["class-0000.png", "class-0001.png"]
     before = {k: v.detach().clone() for k, v in trainer.unet.named_parameters()}
+    optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
     trainer.run()
     result = trainer.export()
     changed = [k for k, v in trainer.unet.named_parameters() if not torch.equal(v, before[k])]
@@ -176,6 +198,22 @@ def test_full_finetune_with_buckets_prior_preservation_and_every_option(tmp_path
     assert not (result.output_dir / "pytorch_lora_weights.safetensors").exists()
     assert result.special_params == {"TOK": "<s0>"}
     assert all(math.isfinite(x) for x in result.loss_history)
+
+    micro_steps = 3 * 2
+    assert len(losses) == 2 * micro_steps, "prior preservation: an instance and a class loss every micro-step"
+    assert calls["min_snr_weights"] and all(args[1] == 5.0 for args, _ in calls["min_snr_weights"])
+    assert any((weights < 1).any() for _, weights in calls["min_snr_weights"]), "min-SNR clamps high-SNR steps"
+    for (noise, strength, *_), offset in calls["offset_noise"]:
+        shift = offset - noise
+        assert strength == 0.05 and shift.abs().max() > 0
+        # (noise + offset) - noise carries float32 rounding of unit-size noise, ~1e-7
+        assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift), atol=1e-6), "one offset per channel"
+    assert calls["pyramid_noise"] and all(args[1] == 2 and not torch.equal(args[0], out)
+                                          for args, out in calls["pyramid_noise"])
+    assert type(optimizer).__name__ == "Prodigy"
+    states = [optimizer.state[p] for group in optimizer.param_groups for p in group["params"] if optimizer.state[p]]
+    assert states and all({"s", "p0"} <= state.keys() for state in states), "Prodigy's own state, per parameter"
+    assert any(state["s"].abs().max() > 0 for state in states), "Prodigy's step-size estimate accumulated"
 
 
 BAD_SETTINGS = [
