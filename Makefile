@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test demo schema clean
+.PHONY: venv test demo schema clean weights gpu-check
 
 $(VENV)/.installed: requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
@@ -41,6 +41,16 @@ demo: $(VENV)/.installed
 # with it) and the input tables in README.md. tests/test_packaging.py fails until this has been run.
 schema: $(VENV)/.installed
 	$(PY) scripts/generate_openapi.py
+
+# Half-precision weights of every model the image uses into weights/ (cog build copies it into /src/weights).
+weights: $(VENV)/.installed
+	HF_HUB_OFFLINE=0 $(PY) scripts/download_weights.py
+
+# On a CUDA machine, offline: full-size SDXL with random weights, train() + predictor; one table, exit 1 on failure.
+GPU_DEVICE ?= cuda
+GPU_PY ?= python
+gpu-check:
+	$(GPU_PY) bench/gpu_check.py --device $(GPU_DEVICE)
 
 clean:
 	rm -rf $(VENV) .cache demo_out
