@@ -18,12 +18,10 @@ import io
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import tarfile
 import textwrap
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -184,6 +182,20 @@ def bad_sources(tars: dict[str, Path], server: MisbehavingServer) -> list[Reques
     return requests_
 
 
+def _interrupt_after_the_first_bytes():
+    """KeyboardInterrupt (what a cancelled prediction raises) right after the first bytes of the body arrive: the
+    download has started and has not ended. Returns the undo."""
+    chunks = weights_cache._chunks
+
+    def first_bytes_then_interrupt(response):
+        for chunk in chunks(response):
+            yield chunk
+            raise KeyboardInterrupt
+
+    weights_cache._chunks = first_bytes_then_interrupt
+    return lambda: setattr(weights_cache, "_chunks", chunks)
+
+
 CANCEL_POINTS = ("after extraction", "after the adapter loaded", "after the tokens were set", "during download",
                  "during generation")
 
@@ -259,11 +271,7 @@ class Soak:
     def _inject_interrupt(self, point: str):
         live = self.manager.live
         if point == "during download":
-            # SIGINT once the (stalling) server has the request: the download has started and cannot have ended.
-            requested = f"/stall/{self.tars['b'].name}?n={self.cancel_count}"
-            thread = threading.Thread(target=self._interrupt_when_requested, args=(requested,), daemon=True)
-            thread.start()
-            return thread.join
+            return _interrupt_after_the_first_bytes()
         if point == "during generation":
             def interrupt(module, args):
                 raise KeyboardInterrupt
@@ -281,13 +289,6 @@ class Soak:
 
         setattr(owner, name, run_then_interrupt)
         return lambda: setattr(owner, name, original) if owner is weights_cache else delattr(owner, name)
-
-    def _interrupt_when_requested(self, path: str) -> None:
-        for _ in range(60_000):  # a bound, not a timing: without the request no interrupt comes and the test fails
-            if any(requested == path for requested, _ in self.server.requests):
-                os.kill(os.getpid(), signal.SIGINT)
-                return
-            time.sleep(0.001)
 
     def check_invariants(self) -> None:
         total = self.cache.total_bytes()
