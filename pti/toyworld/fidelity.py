@@ -1,0 +1,109 @@
+"""The subject-learning experiment of the toy world: a held-out shape's training archive, and the DreamBooth paper's
+three measures (subject fidelity, prompt fidelity, prior preservation) read by the evaluator from any generator."""
+
+from __future__ import annotations
+
+import io
+import random
+import zipfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from pti.toyworld.evaluator import Evaluator, Reading, read
+from pti.toyworld.world import (
+    BACKGROUND_NAMES,
+    COLOUR_NAMES,
+    HELD_OUT_SHAPES,
+    KNOWN_SHAPES,
+    Scene,
+    caption,
+    render,
+    sample_scene,
+)
+
+# prompts → one image per prompt; the int is a seed, so every generator is asked for the same images
+Generator = Callable[[list[str], int], list[Image.Image]]
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A shape the base model never saw, photographed in one colour on a few backgrounds."""
+
+    shape: str = HELD_OUT_SHAPES[0]
+    colour: str = "red"
+    train_backgrounds: tuple[str, ...] = ("grey", "beige", "sky")
+    trigger: str = "TOK"
+
+    @property
+    def novel_colours(self) -> tuple[str, ...]:
+        return tuple(c for c in COLOUR_NAMES if c != self.colour)
+
+    @property
+    def novel_backgrounds(self) -> tuple[str, ...]:
+        return tuple(b for b in BACKGROUND_NAMES if b not in self.train_backgrounds)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """A prompt, the scene it asks for, and which of the evaluator's heads must read that scene."""
+
+    prompt: str
+    expected: Scene
+    checks: tuple[str, ...]
+
+    def passed(self, reading: Reading) -> bool:
+        return all(getattr(reading, head) == getattr(self.expected, head) for head in self.checks)
+
+
+def training_scenes(subject: Subject, count: int, seed: int = 0) -> list[Scene]:
+    rng = random.Random(seed)
+    return [sample_scene(rng, (subject.shape,), (subject.colour,), subject.train_backgrounds) for _ in range(count)]
+
+
+def write_training_archive(subject: Subject, path: Path, count: int = 10, seed: int = 0) -> Path:
+    """A zip of ``count`` renders with sidecar captions naming the trigger word, as a user would upload it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as archive:
+        for index, scene in enumerate(training_scenes(subject, count, seed)):
+            buffer = io.BytesIO()
+            render(scene).save(buffer, format="PNG")
+            archive.writestr(f"{subject.shape}_{index:02d}.png", buffer.getvalue())
+            archive.writestr(f"{subject.shape}_{index:02d}.txt", caption(scene, shape_word=subject.trigger))
+    return path
+
+
+def subject_probes(subject: Subject, count: int) -> list[Probe]:
+    """``a photo of TOK``: is the subject there at all (shape only)."""
+    scene = Scene(subject.shape, subject.colour, subject.train_backgrounds[0])
+    return [Probe(f"a photo of {subject.trigger}", scene, ("shape",)) for _ in range(count)]
+
+
+def prompt_probes(subject: Subject, count: int, seed: int = 0) -> list[Probe]:
+    """The subject in a colour and on a background it was never shown in: shape, colour and background must match."""
+    rng = random.Random(seed)
+    probes = []
+    for _ in range(count):
+        scene = sample_scene(rng, (subject.shape,), subject.novel_colours, subject.novel_backgrounds)
+        probes.append(Probe(caption(scene, shape_word=subject.trigger), scene, ("shape", "colour", "background")))
+    return probes
+
+
+def prior_probes(count: int, seed: int = 0) -> list[Probe]:
+    """What the base model already draws: known shapes, every head must match."""
+    rng = random.Random(seed)
+    probes = []
+    for _ in range(count):
+        scene = sample_scene(rng, KNOWN_SHAPES)
+        probes.append(Probe(caption(scene), scene, ("shape", "colour", "background")))
+    return probes
+
+
+def pass_rate(evaluator: Evaluator, generate: Generator, probes: Sequence[Probe], seed: int) -> float:
+    """Share of the probes whose generated image the evaluator reads as asked."""
+    images = generate([p.prompt for p in probes], seed)
+    readings = read(evaluator, images)
+    return sum(p.passed(r) for p, r in zip(probes, readings)) / len(probes)
+
