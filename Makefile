@@ -20,22 +20,27 @@ venv: $(VENV)/.installed
 test: $(VENV)/.installed
 	$(PY) -m pytest -q tests
 
-# The demo: four photos that scikit-image ships → preprocess → train briefly → predict with the trained tar, all on
-# the tiny base model (real SDXL architecture, random weights: the images are noise) on the CPU.
+# The demo: the toy world's pretrained mini SDXL (real SDXL classes, 64 px, committed in pti/toyworld/weights) has
+# never drawn a star. Train it on 10 renders of a red star (trigger word TOK) through the Cog train() entry point, then
+# ask the predictor for a blue TOK on a pink background: a colour and background it never saw the star in.
 DEMO ?= demo_out
-DEMO_ENV := SDXL_MODEL=tiny COG_SDXL_CACHE=$(CURDIR)/.cache
+DEMO_ENV := SDXL_MODEL=mini-world COG_SDXL_CACHE=$(CURDIR)/.cache
+DEMO_PROMPT ?= a photo of a blue TOK on a pink background
 
 demo: $(VENV)/.installed
-	$(PY) scripts/demo_photos.py $(DEMO)/photos.zip
-	$(DEMO_ENV) $(PY) -c "from pti.models.base_model import resolve_model_dir; print('tiny base model:', resolve_model_dir('tiny'))"
-	$(DEMO_ENV) $(PY) cog_local.py train -o $(DEMO)/train -i input_images=@$(DEMO)/photos.zip \
-		-i token_string=TOK -i caption_prefix="a photo of TOK" -i resolution=64 -i train_batch_size=2 -i max_train_steps=30 \
-		-i use_face_detection_instead=true -i captioning_model= -i validation_num_inference_steps=8 -i seed=0
+	$(PY) scripts/demo_subject.py $(DEMO)/subject.zip
+	$(DEMO_ENV) $(PY) cog_local.py train -o $(DEMO)/train -i input_images=@$(DEMO)/subject.zip \
+		-i token_string=TOK -i resolution=64 -i train_batch_size=4 -i max_train_steps=300 -i lr_warmup_steps=0 \
+		-i crop_based_on_salience=false -i captioning_model= -i validation_prompts="a photo of TOK|$(DEMO_PROMPT)" \
+		-i validation_num_inference_steps=20 -i seed=0
 	$(DEMO_ENV) $(PY) cog_local.py predict -o $(DEMO)/predict -i replicate_weights=@$(DEMO)/train/trained_model.tar \
-		-i prompt="a photo of TOK" -i width=128 -i height=128 -i num_inference_steps=8 -i seed=0 -i output_format=png
+		-i prompt="$(DEMO_PROMPT)" -i width=64 -i height=64 -i num_outputs=4 -i num_inference_steps=20 \
+		-i guidance_scale=5 -i lora_scale=1 -i apply_watermark=false -i disable_safety_checker=true -i seed=0 \
+		-i output_format=png
 	@echo
 	@echo "trained weights: $(CURDIR)/$(DEMO)/train/trained_model.tar"
-	@echo "images:          $$(ls -d $(CURDIR)/$(DEMO)/predict/*)"
+	@echo "images ($(DEMO_PROMPT)):"
+	@ls -d $(CURDIR)/$(DEMO)/predict/*
 
 # After changing a train()/predict() signature: rewrite .cog/openapi_schema.json (the Cog server validates inputs
 # with it) and the input tables in README.md. tests/test_packaging.py fails until this has been run.

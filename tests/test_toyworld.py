@@ -73,7 +73,7 @@ def test_evaluator_reads_fresh_renders(evaluator):
 
 
 def test_the_committed_tokenizers_are_what_the_build_writes(tmp_path):
-    """The rebuild script reproduces the committed vocabulary; every world word tokenizes to at most two tokens."""
+    """The rebuild script reproduces the committed vocabulary and tokenization of every world word."""
     from transformers import CLIPTokenizer
 
     from pti.toyworld.pretrain import write_tokenizers
@@ -85,25 +85,25 @@ def test_the_committed_tokenizers_are_what_the_build_writes(tmp_path):
         assert written.get_vocab() == committed.get_vocab()
         for word in VOCABULARY:
             assert written(word).input_ids == committed(word).input_ids
-            assert 1 <= len(committed(word, add_special_tokens=False).input_ids) <= 2, word
 
 
 def test_mini_world_draws_what_the_caption_says(pipe, evaluator):
-    """Measured on the committed weights (torch 2.13 CPU): shape 6/16, colour 13/16, background 16/16 read back as
-    asked (chance: 2/16, 2/16, 3/16). The base model draws colours and backgrounds; its shapes are still blobs."""
+    """Measured on the committed weights (torch 2.13 CPU, AMD EPYC): shape 10/16, colour 16/16, background 16/16 read
+    back as asked (chance: 2/16, 2/16, 3/16). Thresholds leave 3 images of margin for other CPUs' float noise."""
     expected = [Scene(shape=shape, colour=colour, background=background)
                 for shape, colour, background in (("square", "red", "grey"), ("circle", "yellow", "teal"),
                                                   ("triangle", "blue", "beige"), ("cross", "white", "brown"))] * 4
     images = generate(pipe, [caption(s) for s in expected], seed=0, steps=20, guidance=3.0)
     result = score(evaluator, images, expected)
     assert all(image.size == (64, 64) for image in images)
-    assert result.accuracy["background"] >= 0.8, result
-    assert result.accuracy["colour"] >= 0.6, result
-    assert result.accuracy["shape"] >= 0.2, result
+    assert result.accuracy["background"] >= 13 / 16, result
+    assert result.accuracy["colour"] >= 13 / 16, result
+    assert result.accuracy["shape"] >= 7 / 16, result
 
 
 def test_build_record_is_committed():
     record = json.loads((MINI_WORLD_DIR / "BUILD.json").read_text())
     known = record["generation_accuracy"]["known"]
     assert known["count"] > 0 and all(0.0 <= known[head] <= 1.0 for head in ("shape", "colour", "background"))
-    assert record["torch"] and record["seed"] == 0 and record["build_seconds"] > 0
+    stage_seconds = [v for v in record["build_seconds"].values() if isinstance(v, (int, float))]
+    assert record["torch"] and record["seed"] == 0 and len(stage_seconds) == 3 and min(stage_seconds) > 0

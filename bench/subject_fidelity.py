@@ -1,0 +1,150 @@
+"""Does training teach the model a subject? The toy world's DreamBooth measures, through the public entry points.
+
+A held-out shape (the base mini-world model has never drawn it), ~10 renders in one colour on a few backgrounds,
+zipped with sidecar captions, goes through ``train()`` (zip in, tar out) for each configuration below with the same
+step budget; the predictor (``SDXL_MODEL=mini-world``) then generates from each tar, and the toy world's evaluator
+reads the images back:
+
+* subject fidelity: "a photo of TOK" images read as the new shape;
+* prompt fidelity: "a photo of a <colour> TOK on a <background> background", colours and backgrounds never in the
+  training images: shape, colour and background all as asked;
+* prior: known-shape prompts read correctly, base model vs the trained weights loaded (the drop is the drift).
+
+    .venv/bin/python bench/subject_fidelity.py                    # every configuration, 300 steps
+    .venv/bin/python bench/subject_fidelity.py --steps 200 --only pivotal lora_rare_word
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("COG_SDXL_CACHE", str(ROOT / ".cache"))
+os.environ["SDXL_MODEL"] = "mini-world"
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from pti.toyworld.evaluator import accuracy_on_renders, load_evaluator  # noqa: E402
+from pti.toyworld.fidelity import (  # noqa: E402
+    Subject,
+    pass_rate,
+    prior_probes,
+    prompt_probes,
+    subject_probes,
+    write_training_archive,
+)
+
+# train() inputs shared by every configuration: the product's defaults, except what a 64 px toy world needs
+COMMON = dict(resolution=64, train_batch_size=4, captioning_model="", crop_based_on_salience=False,
+              validation_prompts="", verbose=False, checkpointing_steps=999999, lr_warmup_steps=0)
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str
+    what: str
+    inputs: dict = field(default_factory=dict)
+
+
+CONFIGS = (
+    Config("pivotal", "pivotal tuning (default: new tokens train for the first half, LoRA throughout)"),
+    Config("lora_rare_word", "LoRA only, rare existing token `z` (one frozen new row = its embedding)",
+           dict(ti_frac=0.0, num_new_tokens=1, token_init_word="z")),
+    Config("embeddings_only", "embeddings only (textual inversion: LoRA learning rate 0)",
+           dict(lora_lr=0.0, ti_frac=1.0)),
+    Config("pivotal_prior", "pivotal tuning + prior preservation (10 class images of known shapes)",
+           dict(class_prompt="a photo of a red circle on a grey background", num_class_images=10)),
+    Config("pivotal_prodigy", "pivotal tuning, Prodigy optimizer (learning rates found automatically)",
+           dict(optimizer="prodigy")),
+)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    steps: int = 20
+    guidance: float = 5.0
+    lora_scale: float = 1.0
+
+
+def predictor_generator(predictor, weights: str | None, sampling: Sampling):
+    """prompts, seed → images, one ``predict()`` call per prompt as a client would make it."""
+    def generate(prompts: list[str], seed: int) -> list[Image.Image]:
+        images = []
+        for index, prompt in enumerate(prompts):
+            (path,) = predictor.predict(
+                prompt=prompt, negative_prompt="", image=None, mask=None, width=64, height=64, num_outputs=1,
+                scheduler="K_EULER", num_inference_steps=sampling.steps, guidance_scale=sampling.guidance,
+                prompt_strength=0.8, seed=seed + index, refine="no_refiner", high_noise_frac=0.8, refine_steps=None,
+                apply_watermark=False, lora_scale=sampling.lora_scale, replicate_weights=weights,
+                disable_safety_checker=True, output_format="png", output_quality=100)
+            with Image.open(path) as image:
+                images.append(image.convert("RGB"))
+        return images
+    return generate
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300, help="training steps of every configuration")
+    parser.add_argument("--images", type=int, default=10, help="training images of the subject")
+    parser.add_argument("--probes", type=int, default=32, help="images per measure")
+    parser.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared 2-core machine)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    import train
+    from predict import Predictor
+
+    subject = Subject()
+    evaluator = load_evaluator()
+    renders = accuracy_on_renders(evaluator)
+    probes = {"subject": subject_probes(subject, args.probes), "prompt": prompt_probes(subject, args.probes, seed=1),
+              "prior": prior_probes(args.probes, seed=2)}
+    predictor = Predictor()
+    predictor.setup()
+    sampling = Sampling()
+
+    def measure(weights: str | None) -> dict[str, float]:
+        generate = predictor_generator(predictor, weights, sampling)
+        return {name: pass_rate(evaluator, generate, ps, seed=100 + k) for k, (name, ps) in enumerate(probes.items())}
+
+    rows = [("base model (floor)", measure(None), 0.0)]
+    work = Path(tempfile.mkdtemp(prefix="subject-fidelity-"))
+    archive = write_training_archive(subject, work / "subject.zip", count=args.images)
+    for config in CONFIGS:
+        if args.only and config.name not in args.only:
+            continue
+        started = time.perf_counter()
+        tar = train.train(input_images=archive, seed=0, max_train_steps=args.steps,
+                          token_string=subject.trigger, **{**COMMON, **config.inputs}).weights
+        seconds = time.perf_counter() - started
+        rows.append((f"{config.name}: {config.what}", measure(str(tar)), seconds))
+        print(f"{config.name}: trained in {seconds:.0f} s", flush=True)
+
+    base_prior = rows[0][1]["prior"]
+    print(f"\nevaluator on 1000 fresh renders: shape {renders['shape']:.3f}, colour {renders['colour']:.3f}, "
+          f"background {renders['background']:.3f}")
+    print(f"subject: {subject.shape} in {subject.colour} on {', '.join(subject.train_backgrounds)}; {args.images} "
+          f"images; {args.steps} steps, batch {COMMON['train_batch_size']}; {args.probes} images per measure; "
+          f"sampling {sampling.steps} Euler steps, guidance {sampling.guidance}, lora_scale {sampling.lora_scale}\n")
+    print("| configuration | subject fidelity | prompt fidelity | prior (known shapes) | drift (points) | train s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, rates, seconds in rows:
+        drift = 100 * (base_prior - rates["prior"])
+        print(f"| {name} | {rates['subject']:.2f} | {rates['prompt']:.2f} | {rates['prior']:.2f} | {drift:+.1f} "
+              f"| {seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
