@@ -13,23 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 
 from pti.models.base_model import load_sdxl_pipeline, pick_runtime
 
+from training_fixtures import write_noise_photos
+
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "multiprocess_job.py"
 STEPS = 4  # max_train_steps in multiprocess_job.py
-
-
-def write_images(folder: Path, count: int = 4, size: int = 64) -> Path:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for index in range(count):
-        coarse = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
-        Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC).save(folder / f"{index}.png")
-    return folder
 
 
 def run_job(command: list[str], output: Path, probe: Path, dataset: Path) -> None:
@@ -42,7 +34,7 @@ def run_job(command: list[str], output: Path, probe: Path, dataset: Path) -> Non
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("multiprocess")
-    dataset = write_images(base / "images")
+    dataset = write_noise_photos(count=4, size=64, folder=base / "images")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     run_job(torchrun, base / "two" / "out", base / "two" / "probe", dataset)
     run_job([sys.executable], base / "one" / "out", base / "one" / "probe", dataset)

@@ -10,28 +10,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from training_fixtures import write_noise_photos
 
 ROOT = Path(__file__).resolve().parents[1]
 JOB = ROOT / "tests" / "multiprocess_train_job.py"
 NUM_CLASS_IMAGES = 3  # odd: the processes render 2 and 1
 
 
-def write_photos(folder: Path, count: int = 3, size: int = 96) -> Path:
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for index in range(count):
-        coarse = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
-        Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC).save(folder / f"{index}.png")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     base = tmp_path_factory.mktemp("multiprocess-train")
-    photos = write_photos(base / "photos")
+    photos = write_noise_photos(count=3, size=96, folder=base / "photos")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", SDXL_DEVICE="cpu")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(JOB),
                str(photos), str(base / "probe"), str(NUM_CLASS_IMAGES)]

@@ -64,6 +64,16 @@ def write_plain_folder(folder: Path, count: int, size: int = SIZE) -> Path:
     return folder
 
 
+def write_noise_photos(folder: Path, count: int, size: int) -> Path:
+    """``count`` smooth random colour images (a 4x4 noise upscaled), the same for every run."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        coarse = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+        Image.fromarray(coarse).resize((size, size), Image.Resampling.BICUBIC).save(folder / f"{index}.png")
+    return folder
+
+
 def single_torch_thread():
     """Generator for a module fixture: tiny-model ops are far faster on one thread when the cores are shared
     (OpenMP workers spin-waiting for each other); restores the previous count afterwards."""

@@ -14,7 +14,7 @@ from typing import Iterable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pti.dataset.text import encode_prompt
+from pti.dataset.text import PromptTokenizer, encode_prompt
 from pti.models.tiny_models import SCHEDULER_CONFIG, tiny_configs, write_clip_bpe
 from pti.toyworld.evaluator import images_to_tensor
 from pti.toyworld.paths import MINI_WORLD_DIR
@@ -209,21 +209,6 @@ def training_caption(scene: Scene, rng: random.Random, settings: DiffusionSettin
     return f"a photo of a {scene.colour} {scene.shape} on a {scene.background} background"
 
 
-class PromptTokens:
-    """Both tokenizers' ids (padded to 77, as the pipeline pads), cached per caption."""
-
-    def __init__(self, tokenizers: Sequence):
-        self.tokenizers = tokenizers
-        self._cache: dict[str, tuple[torch.Tensor, ...]] = {}
-
-    def __call__(self, caption: str) -> tuple[torch.Tensor, ...]:
-        if caption not in self._cache:
-            self._cache[caption] = tuple(
-                t(caption, padding="max_length", max_length=t.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids[0] for t in self.tokenizers)
-        return self._cache[caption]
-
-
 def alphas_cumprod() -> torch.Tensor:
     """The DDPM schedule of ``SCHEDULER_CONFIG`` (scaled_linear betas), which the Euler sampler inverts."""
     betas = torch.linspace(SCHEDULER_CONFIG["beta_start"] ** 0.5, SCHEDULER_CONFIG["beta_end"] ** 0.5,
@@ -262,7 +247,7 @@ def train_diffusion(components: dict, settings: DiffusionSettings, seed: int, pr
     scene_list = list(scenes(seed + 20, settings.train_images, shapes=KNOWN_SHAPES))
     means, stds = encode_images(vae, render_batch(scene_list))
     scale = vae.config.scaling_factor
-    tokens = PromptTokens([components["tokenizer"], components["tokenizer_2"]])
+    tokenize = PromptTokenizer([components["tokenizer"], components["tokenizer_2"]])
     cumprod = alphas_cumprod()
     snr = cumprod / (1 - cumprod)
     loss_weight = snr.clamp(max=settings.min_snr_gamma) / snr
@@ -283,8 +268,7 @@ def train_diffusion(components: dict, settings: DiffusionSettings, seed: int, pr
     for step in bar:
         index = torch.randint(0, len(scene_list), (settings.batch_size,), generator=generator).tolist()
         captions = [training_caption(scene_list[i], rng, settings) for i in index]
-        ids = [tokens(c or "") for c in captions]
-        prompt_embeds, pooled = encode_prompt(encoders, [torch.stack([i[k] for i in ids]) for k in range(2)])
+        prompt_embeds, pooled = encode_prompt(encoders, tokenize([c or "" for c in captions]))
         keep = torch.tensor([c is not None for c in captions], dtype=torch.float32)
         prompt_embeds = prompt_embeds * keep[:, None, None]
         pooled = pooled * keep[:, None]
