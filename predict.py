@@ -22,7 +22,6 @@ from pti.inference.generation import (
     SCHEDULERS,
     GenerationRequest,
     ModelSettings,
-    check_prompt_length,
     generate_files,
     load_models,
     validate_request,
@@ -133,8 +132,6 @@ class Predictor(BasePredictor):
         validate_request(request, self.models.settings)
         self.weights.use(replicate_weights or self.default_weights, lora_scale)
         expanded = self.weights.expand_prompt(prompt)
-        check_prompt_length(expanded, self.weights.tokenizers())
-        check_prompt_length(negative_prompt, self.weights.tokenizers(), "negative_prompt")
         paths = generate_files(self.models, request, expanded, self._fresh_output_dir())
         self.record_metric("num_outputs", num_outputs)
         self.record_metric("width", width)
