@@ -61,7 +61,8 @@ def files(work, photos_zip):
 
 @pytest.fixture(scope="module")
 def servers(work):
-    env = {"SDXL_MODEL": "tiny", "HF_HUB_OFFLINE": "1", "WEIGHTS_CACHE_DIR": str(work / "weights-cache")}
+    env = {"SDXL_MODEL": "tiny", "HF_HUB_OFFLINE": "1", "WEIGHTS_CACHE_DIR": str(work / "weights-cache"),
+           "WEIGHTS_ALLOW_LOCAL_PATHS": ""}  # as hosted: local paths in replicate_weights are refused
     started = {mode: CogServer(ROOT, mode, env, work / f"{mode}-server.log").start() for mode in ("train", "predict")}
     try:
         with ThreadPoolExecutor(2) as pool:

@@ -38,7 +38,7 @@ def server(tars):
 
 
 def settings(tmp_path: Path, **overrides) -> wc.WeightsSettings:
-    return wc.WeightsSettings(cache_dir=tmp_path / "cache", min_free_bytes=0, **overrides)
+    return wc.WeightsSettings(cache_dir=tmp_path / "cache", min_free_bytes=0, **{"allow_local_paths": True, **overrides})
 
 
 def leftovers(cache: wc.WeightsCache) -> list[str]:
@@ -145,7 +145,7 @@ def test_lru_eviction_keeps_budget_and_never_evicts_pinned(tmp_path, tars):
 
 def test_free_disk_floor_refuses_with_one_line(tmp_path, tars):
     cache = wc.WeightsCache(settings(tmp_path))
-    cache.settings = wc.WeightsSettings(cache_dir=cache.root, min_free_bytes=2**62)
+    cache.settings = wc.WeightsSettings(cache_dir=cache.root, min_free_bytes=2**62, allow_local_paths=True)
     with pytest.raises(wc.WeightsError, match="no room"):
         cache.ensure(str(tars["a"]))
     assert leftovers(cache) == []

@@ -42,7 +42,8 @@ COG_SDXL_LORA = "lora.safetensors"
 COG_SDXL_EMBEDDINGS = "embeddings.pti"
 FULL_UNET = "unet.safetensors"
 SPECIAL_PARAMS = "special_params.json"
-UNET_WEIGHT_FILES = (OUR_LORA, COG_SDXL_LORA, FULL_UNET)
+LORA_FILE = "lora_file.safetensors"  # a lone LoRA file (kohya, diffusers or cog-sdxl keys) fetched by URL
+UNET_WEIGHT_FILES = (OUR_LORA, COG_SDXL_LORA, FULL_UNET, LORA_FILE)
 
 
 class WeightsError(ValueError):
@@ -63,6 +64,7 @@ class WeightsSettings:
     max_redirects: int = 5
     download_attempts: int = 3
     max_loaded_adapters: int = 4
+    allow_local_paths: bool = False  # local tar/folder paths as sources: only where the operator enables them
 
     @classmethod
     def from_env(cls) -> WeightsSettings:
@@ -80,6 +82,7 @@ class WeightsSettings:
             max_download_bytes=env_int("WEIGHTS_MAX_DOWNLOAD_BYTES", defaults.max_download_bytes),
             download_deadline_s=float(os.environ.get("WEIGHTS_DOWNLOAD_DEADLINE_S") or defaults.download_deadline_s),
             max_loaded_adapters=env_int("WEIGHTS_MAX_LOADED_ADAPTERS", defaults.max_loaded_adapters),
+            allow_local_paths=os.environ.get("WEIGHTS_ALLOW_LOCAL_PATHS", "").strip().lower() in ("1", "true", "yes"),
         )
 
 
@@ -323,9 +326,12 @@ class WeightsCache:
         """Remove an entry (one whose files turned out unreadable: it could only fail again)."""
         shutil.rmtree(self.root / key, ignore_errors=True)
 
-    def ensure(self, source: str) -> Path:
-        """The extracted folder of ``source`` (a folder is used in place), fetching it on a miss."""
+    def ensure(self, source: str, allow_path: bool | None = None) -> Path:
+        """The extracted folder of ``source`` (a folder is used in place), fetching it on a miss. A local path is
+        refused, without looking at it, unless ``allow_path`` (default: the settings' ``allow_local_paths``)."""
         kind = source_kind(source)
+        if kind == "path" and not (self.settings.allow_local_paths if allow_path is None else allow_path):
+            raise WeightsError("local paths are not accepted here; give an http(s) URL or a data: URI")
         if kind == "path":
             path = Path(source).expanduser()
             if path.is_dir():
@@ -345,11 +351,16 @@ class WeightsCache:
             archive = self._fetch(source, staging)
             extracted = staging / "extracted"
             self.make_room(archive.stat().st_size)
-            try:
-                safe_extract(archive, extracted, self._limits(), declared="tar")
-            except ArchiveError as error:
-                raise WeightsError(f"{redact(source)}: not a valid trained-weights tar ({error})") from None
-            archive.unlink()
+            if is_safetensors(archive):
+                extracted.mkdir()
+                os.rename(archive, extracted / LORA_FILE)
+            else:
+                try:
+                    safe_extract(archive, extracted, self._limits(), declared="tar")
+                except ArchiveError as error:
+                    raise WeightsError(f"{redact(source)}: not a valid trained-weights tar nor a .safetensors LoRA "
+                                       f"({error})") from None
+                archive.unlink()
             folder = weights_folder(extracted, redact(source))
             self.make_room(_folder_bytes(folder))  # a compressed tar extracts to more than it weighed
             entry = self.root / key
@@ -373,6 +384,16 @@ class WeightsCache:
     def _limits(self) -> ExtractionLimits:
         return ExtractionLimits(max_members=1000, max_total_bytes=2 * self.settings.max_download_bytes,
                                 max_member_bytes=self.settings.max_download_bytes, max_ratio=100.0)
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether the file starts like a safetensors file: an 8-byte little-endian header length that fits in the
+    file, then the header's opening brace."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
 
 
 def weights_folder(extracted: Path, label: str) -> Path:
