@@ -376,6 +376,7 @@ class LiveWeights:
         self.max_loaded = max(1, max_loaded)
         self.loaded: OrderedDict[str, _Loaded] = OrderedDict()
         self.active: tuple[str, ...] | None = None
+        self.current: str | None = None  # the key being switched to when a switch fails
         self._consistent = True
         self._lora_enabled = False  # whether the UNet's LoRA layers are switched on (tracked: toggling walks it)
 
@@ -434,6 +435,7 @@ class LiveWeights:
         needed = {item.key for item in items}
         entries = []
         for item in items:
+            self.current = item.key
             entry = self.loaded.get(item.key)
             if entry is None:
                 entry = self._load(item.key, item.read(), item.label, needed)
@@ -452,6 +454,7 @@ class LiveWeights:
             self.full_unet.apply(full[0][1].weights.unet_full)
         self.tokens.activate([(token_names(item.token_prefix, len(entry.weights.tokens)), entry.weights.embeddings)
                               for item, entry in zip(items, entries) if entry.weights.embeddings])
+        self.current = None
         self.active = tuple(item.key for item in items)
 
     def _load(self, key: str, weights: TrainedWeights, label: str, keep: set[str]) -> _Loaded:
@@ -605,9 +608,8 @@ class WeightsManager:
             try:
                 loaded = self.live.activate(items)
             except WeightsError:
-                for item in items:
-                    if item.key not in self.live.loaded:
-                        self.cache.discard(item.key)  # weights that cannot be used would only fail again
+                if self.live.current is not None and self.live.current not in self.live.loaded:
+                    self.cache.discard(self.live.current)  # weights that cannot be used would only fail again
                 raise
             self.active = tuple(
                 ActiveWeights(item.key, item.label, choice.field,
