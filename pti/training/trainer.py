@@ -40,6 +40,7 @@ from pti.dataset.text import CaptionAugmentation, PromptTokenizer, encode_prompt
 from pti.dataset.token_embeddings import TokenEmbeddingsHandler
 from pti.dataset.triggers import TriggerWord, all_new_tokens, contains_trigger, parse_token_string, replace_trigger_words, special_params
 from pti.training.failures import check_finite, out_of_memory
+from pti.formats.export import SAVE_PRECISIONS
 from pti.formats.lora_formats import UNetLayout
 from pti.training.losses import compute_snr, masked_mse_per_sample, min_snr_weights, offset_noise, pyramid_noise
 from pti.training.optim import SCHEDULERS, ParamGroup, ProdigySettings, build_optimizer, build_scheduler, check_optimizer_available
@@ -121,6 +122,7 @@ class TrainingSettings:
     validation_prompts: tuple[str, ...] = ("a photo of TOK",)
     validation_num_inference_steps: int = 25
     name: str = "trained_model"
+    save_precision: str = "fp16"  # the weight files' dtype: fp16, bf16 or fp32 (formats.export.SAVE_PRECISIONS)
     show_progress: bool = True
 
     def validate(self) -> None:
@@ -158,6 +160,9 @@ class TrainingSettings:
             raise SettingsError(f"max_grad_norm must be positive (or unset), got {self.max_grad_norm}")
         if not self.lora_target_modules:
             raise SettingsError("lora_target_modules is empty; e.g. to_q,to_k,to_v,to_out.0")
+        if self.save_precision not in SAVE_PRECISIONS:
+            raise SettingsError(f"save_precision must be one of {', '.join(SAVE_PRECISIONS)}; "
+                                f"got {self.save_precision!r}")
         if self.lr_scheduler not in SCHEDULERS:
             raise SettingsError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}; got {self.lr_scheduler!r}")
         if (self.class_data_dir is None) != (self.class_prompt is None):
@@ -740,7 +745,7 @@ class Trainer:
                 lora_alpha=s.alpha if s.is_lora else None,
                 embeddings=embeddings, special_params=params, training_config=config, name=s.name,
                 unet_layout=UNetLayout.from_unet_config(self.unet.config),
-                unet_full_state=None if s.is_lora else _cpu_state(self.unet),
+                unet_full_state=None if s.is_lora else _cpu_state(self.unet), save_precision=s.save_precision,
             )
             export.write_model_card(self.output_dir, special_params=params, base_model=config["base_model"],
                                     name=s.name, sample_images=self.sample_images, training_config=config)
