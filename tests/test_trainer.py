@@ -221,6 +221,7 @@ BAD_SETTINGS = [
     (dict(max_train_steps=-5), "max_train_steps must be at least 1"),
     (dict(train_batch_size=0), "train_batch_size must be at least 1"),
     (dict(ti_frac=1.5), "ti_frac must be between 0 and 1"),
+    (dict(save_precision="int8"), "save_precision must be one of fp16, bf16, fp32"),
     (dict(ti_frac=-0.1), "ti_frac must be between 0 and 1"),
     (dict(token_string="ZZZ"), "trigger word 'ZZZ' appears in no caption"),
     (dict(token_string="TOK:2,STY:1"), "trigger word 'STY' appears in no caption"),
