@@ -109,7 +109,8 @@ def test_artifact_folder_holds_weights_samples_logs_and_loss_curve(main_run):
     assert list((out / "logs").glob("events.out.tfevents.*"))
     assert json.loads((out / "special_params.json").read_text()) == {"TOK": "<s0><s1>"}
     saved = load_file(str(out / "embeddings.safetensors"))
-    assert all(torch.equal(saved[k], result.embeddings[k]) for k in ("clip_l", "clip_g"))
+    assert all(saved[k].dtype == torch.float16 for k in saved)  # the default save_precision
+    assert all(torch.equal(saved[k], result.embeddings[k].half()) for k in ("clip_l", "clip_g"))
     config = json.loads((out / "training_config.json").read_text())
     assert config["total_steps"] == 8 and config["pivot_step"] == 4
     assert len(result.loss_history) == 8 and all(math.isfinite(x) for x in result.loss_history)
