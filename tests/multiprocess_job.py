@@ -9,10 +9,12 @@ reference). Each process writes ``<probe_dir>/rank<N>.json`` with
 and ``<probe_dir>/initial-rank<N>.safetensors`` and ``final-rank<N>.safetensors``: its trainable state before
 the first step and after the last.
 
-    torchrun --standalone --nproc_per_node 2 tests/multiprocess_job.py DATASET OUTPUT_DIR PROBE_DIR BATCH_SIZE
+    torchrun --standalone --nproc_per_node 2 tests/multiprocess_job.py DATASET CLASS_IMAGES OUTPUT_DIR PROBE_DIR \
+        BATCH_SIZE
 
-Every per-sample random draw is switched on (flips, caption dropout, offset and pyramid noise), so that the two
-process layouts of test_multiprocess.py agree only if each draw is keyed by the sample, not by the process.
+Every per-sample random draw is switched on (flips, caption dropout, offset and pyramid noise, and prior
+preservation with the class images given), so that the two process layouts of test_multiprocess.py agree only if
+each draw is keyed by the sample, not by the process.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:
     return state
 
 
-def main(dataset: Path, output_dir: Path, probe_dir: Path, batch_size: int) -> None:
+def main(dataset: Path, class_images: Path, output_dir: Path, probe_dir: Path, batch_size: int) -> None:
     checkpoint_dir = output_dir.with_name(output_dir.name + "-checkpoints")
     recorder = WriteRecorder([output_dir, checkpoint_dir])
     sys.addaudithook(recorder)
@@ -91,7 +93,8 @@ def main(dataset: Path, output_dir: Path, probe_dir: Path, batch_size: int) -> N
         dataset_dir=dataset, output_dir=output_dir, checkpoint_dir=checkpoint_dir, base_model="tiny",
         precision="fp32", device="cpu", resolution=64, train_batch_size=batch_size, max_train_steps=4, ti_frac=0.5,
         lora_rank=4, ti_lr=1e-2, lora_lr=1e-2, lr_warmup_steps=0, checkpointing_steps=2, flip_augmentation=True,
-        caption_dropout=0.25, noise_offset=0.05, pyramid_noise_iterations=1,
+        caption_dropout=0.25, noise_offset=0.05, pyramid_noise_iterations=1, class_data_dir=class_images,
+        class_prompt="a photo of a thing",
         validation_num_inference_steps=2, caption_prefix="a photo of TOK", show_progress=False,
         seed=7 + int(os.environ.get("RANK", "0")),  # differs per process, as train.py's random default seed would
     )
@@ -111,4 +114,4 @@ def main(dataset: Path, output_dir: Path, probe_dir: Path, batch_size: int) -> N
 
 
 if __name__ == "__main__":
-    main(*(Path(arg) for arg in sys.argv[1:4]), int(sys.argv[4]))
+    main(*(Path(arg) for arg in sys.argv[1:5]), int(sys.argv[5]))
