@@ -21,7 +21,7 @@ from training_fixtures import SIZE, single_torch_thread, write_dataset_folder, w
 CAPTIONS = ["a photo of TOK", "TOK sitting on a table", "a close up photo of TOK", "TOK in the forest"]
 BROAD_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                  "conv2", "conv_in", "conv_out")
-# Measured with this test's settings (seed 7, 40 steps): loss 1.287 before, 0.556 after (ratio 0.431). Required: < 0.7.
+# Measured with this test's settings (seed 7, 40 steps): loss 1.287 before, 0.571 after (ratio 0.443). Required: < 0.7.
 LEARNING_MAX_RATIO = 0.7
 # The main run's schedule: linear warmup over steps 1-4, then cosine decay over 5-8. Its checkpoint 3 lies inside
 # the warmup, so the resumed run has to go on with the warmup, then the decay, where the first run left off.
