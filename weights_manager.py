@@ -1,9 +1,11 @@
 """Trained weights, hot: read trained-weights folders and switch them on a live SDXL pipeline.
 
 * :func:`read_trained_weights` reads a folder in this project's artifact layout or replicate/cog-sdxl's
-  (``lora.safetensors`` with attention-processor keys, ``embeddings.pti``) into one :class:`TrainedWeights`.
+  (``lora.safetensors`` with attention-processor keys, ``embeddings.pti``), or a bare kohya/diffusers LoRA file
+  (embeddings and trigger words from its ``bundle_emb`` keys, if any), into one :class:`TrainedWeights`.
 * :class:`LiveWeights` keeps a bounded set of PEFT adapters loaded in the UNet by name and swaps the new-token
-  embeddings with them. Only one adapter is active at a time; without weights the pipeline is the clean base
+  embeddings with them. The adapters a request names are active together, each at its own scale (PEFT adapter
+  weights), each set's new tokens under its own names; without weights the pipeline is the clean base
   (adapters disabled, tokenizers without the new tokens), so it produces exactly what a fresh process does. A
   load that fails or is cancelled half-way is rolled back to the base.
 * :class:`WeightsManager` ties them to the on-disk cache (:mod:`weights_cache`) for the predictor.
@@ -30,12 +32,12 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from pti.formats import lora_formats
-from pti.formats.lora_formats import LoraFormatError, PeftLora
+from pti.formats.lora_formats import SDXL_UNET_LAYOUT, LoraFormatError, PeftLora, UNetLayout
 from pti.inference.weights_cache import (
+    BARE_LORA,
     COG_SDXL_EMBEDDINGS,
     COG_SDXL_LORA,
     FULL_UNET,
-    LORA_FILE,
     OUR_EMBEDDINGS,
     OUR_LORA,
     SPECIAL_PARAMS,
@@ -92,13 +94,13 @@ def read_special_params(folder: Path, label: str) -> dict[str, str]:
 
 
 def read_trained_weights(folder: Path, label: str | None = None,
-                         layout: lora_formats.UNetLayout = lora_formats.SDXL_UNET_LAYOUT) -> TrainedWeights:
-    """Read a trained-weights folder in this project's layout or replicate/cog-sdxl's, or a lone LoRA file
-    (``layout``: the UNet's, for kohya names)."""
+                         layout: UNetLayout = SDXL_UNET_LAYOUT) -> TrainedWeights:
+    """Read a trained-weights folder in this project's layout or replicate/cog-sdxl's, or a cache entry holding a
+    bare LoRA file; ``layout`` (the live UNet's) names the modules of kohya keys."""
     label = label or str(folder)
+    if (folder / BARE_LORA).is_file():
+        return _read_bare_lora(folder / BARE_LORA, label, layout)
     try:
-        if (folder / LORA_FILE).is_file():
-            return _read_lora_file(folder / LORA_FILE, label, layout)
         lora, unet_full = _read_unet_weights(folder, label)
         embeddings = _read_embeddings(folder, label)
     except LoraFormatError as error:
@@ -109,53 +111,16 @@ def read_trained_weights(folder: Path, label: str | None = None,
     return TrainedWeights(lora, unet_full, embeddings, read_special_params(folder, label))
 
 
-_TEXT_ENCODER_PREFIXES = ("lora_te1_", "lora_te2_", "lora_te_", "text_encoder.", "text_encoder_2.")
-
-
-def _read_lora_file(path: Path, label: str, layout: lora_formats.UNetLayout) -> TrainedWeights:
-    """A lone ``.safetensors`` LoRA: kohya/WebUI keys (``lora_unet_…``, with embeddings bundled as
-    ``bundle_emb.<trigger>.clip_l/clip_g`` taken as trigger words), diffusers keys (``unet.…lora_A/lora_B`` or the
-    older ``unet.….lora.down/up``), or replicate/cog-sdxl attention-processor keys. Text-encoder LoRA layers are
-    left out (with a warning): only the UNet is adapted."""
+def _read_bare_lora(path: Path, label: str, layout: UNetLayout) -> TrainedWeights:
     tensors, metadata = _read_safetensors(path, label)
-    dropped = [k for k in tensors if k.startswith(_TEXT_ENCODER_PREFIXES)]
-    if dropped:
-        logger.warning("%s: %d text-encoder LoRA tensors left out (only the UNet is adapted)", label, len(dropped))
-    state = {k: v for k, v in tensors.items() if k not in set(dropped)}
-    if not state:
-        raise LoraFormatError("holds no UNet LoRA weights")
-    embeddings, special_params = _bundled_embeddings(state)
-    if any(k.startswith(lora_formats.KOHYA_PREFIX) for k in state):
-        lora = lora_formats.kohya_to_peft(state, layout)
-    elif all(k.startswith(lora_formats.DIFFUSERS_UNET_PREFIX) for k in state):
-        renamed = {k.replace(".lora.down.weight", ".lora_A.weight").replace(".lora.up.weight", ".lora_B.weight"): v
-                   for k, v in state.items()}
-        lora = lora_formats.diffusers_file_to_peft(renamed, metadata)
-    elif all(".processor." in k for k in state):
-        lora = lora_formats.cog_sdxl_lora_to_peft(state)
-    else:
-        raise LoraFormatError(f"key {next(iter(state))!r} is of no LoRA layout this predictor reads (kohya "
-                              f"lora_unet_…, diffusers unet.…, cog-sdxl ….processor.…)")
-    return TrainedWeights(lora, None, embeddings, special_params)
-
-
-def _bundled_embeddings(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """A1111's bundled embeddings (``bundle_emb.<trigger>.clip_l/clip_g``) as rows ``<s0>…`` and trigger words."""
-    rows: dict[str, dict[str, Tensor]] = {}
-    for key, value in state.items():
-        if key.startswith(lora_formats.BUNDLE_EMB_PREFIX):
-            trigger, _, encoder = key[len(lora_formats.BUNDLE_EMB_PREFIX):].rpartition(".")
-            rows.setdefault(trigger, {})[encoder] = value
-    complete = {t: e for t, e in rows.items() if {"clip_l", "clip_g"} <= set(e)}
-    special_params, start = {}, 0
-    for trigger, tables in complete.items():
-        count = tables["clip_l"].shape[0]
-        special_params[trigger] = "".join(f"<s{i}>" for i in range(start, start + count))
-        start += count
-    if not complete:
-        return {}, {}
-    embeddings = {name: torch.cat([tables[name] for tables in complete.values()]) for name in ("clip_l", "clip_g")}
-    return embeddings, special_params
+    try:
+        read = lora_formats.read_lora_file(tensors, metadata, layout)
+    except LoraFormatError as error:
+        raise WeightsError(f"{label}: {error}") from None
+    if read.skipped_text_encoder_keys:
+        logger.warning("%s: %d text-encoder LoRA keys skipped (only the UNet part applies)", label,
+                       read.skipped_text_encoder_keys)
+    return TrainedWeights(read.lora, None, read.embeddings, read.special_params)
 
 
 def _read_unet_weights(folder: Path, label: str) -> tuple[PeftLora | None, dict[str, Tensor] | None]:

@@ -1,7 +1,9 @@
 """Trained-weights sources fetched into an on-disk LRU cache.
 
-A source is an http(s) URL, a ``data:`` URI, or a local tar or folder. :meth:`WeightsCache.ensure` resolves it to an
-extracted folder under ``<cache>/<sha256(source)[:16]>``. Downloads are streamed, resumed with HTTP ``Range`` after a
+A source is an http(s) URL, a ``data:`` URI, or (where the operator enables local paths) a local tar or folder; each
+may also be a bare LoRA ``.safetensors`` file (what civitai and the Hugging Face hub serve), told from a tar by its
+first bytes. :meth:`WeightsCache.ensure` resolves it to an extracted folder under ``<cache>/<sha256(source)[:16]>``
+(a bare file is kept there as ``BARE_LORA``). Downloads are streamed, resumed with HTTP ``Range`` after a
 dropped connection, checked against the announced size (and refused when the server sends an HTML page), bounded in
 time as a whole (``download_deadline_s``: a server trickling bytes cannot hold a prediction), and extracted with
 :func:`safe_archive.safe_extract`. Least recently used entries are evicted when free disk falls under a floor or the
@@ -42,8 +44,8 @@ COG_SDXL_LORA = "lora.safetensors"
 COG_SDXL_EMBEDDINGS = "embeddings.pti"
 FULL_UNET = "unet.safetensors"
 SPECIAL_PARAMS = "special_params.json"
-LORA_FILE = "lora_file.safetensors"  # a lone LoRA file (kohya, diffusers or cog-sdxl keys) fetched by URL
-UNET_WEIGHT_FILES = (OUR_LORA, COG_SDXL_LORA, FULL_UNET, LORA_FILE)
+BARE_LORA = "bare_lora.safetensors"  # a bare .safetensors LoRA source, as its cache entry holds it
+UNET_WEIGHT_FILES = (OUR_LORA, COG_SDXL_LORA, FULL_UNET)
 
 
 class WeightsError(ValueError):
@@ -117,6 +119,15 @@ def cache_key(source: str) -> str:
         stat = path.stat()
         source = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
     return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts like a safetensors file: an 8-byte little-endian header length that fits in the file,
+    then the header's ``{``."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and 8 + int.from_bytes(head[:8], "little") <= size and head[8:9] == b"{"
 
 
 def decode_data_uri(uri: str, dest: Path, max_bytes: int) -> None:
@@ -353,15 +364,16 @@ class WeightsCache:
             self.make_room(archive.stat().st_size)
             if is_safetensors(archive):
                 extracted.mkdir()
-                os.rename(archive, extracted / LORA_FILE)
+                os.rename(archive, extracted / BARE_LORA)
+                folder = extracted
             else:
                 try:
                     safe_extract(archive, extracted, self._limits(), declared="tar")
                 except ArchiveError as error:
-                    raise WeightsError(f"{redact(source)}: not a valid trained-weights tar nor a .safetensors LoRA "
-                                       f"({error})") from None
+                    raise WeightsError(f"{redact(source)}: not a valid trained-weights tar ({error}), nor a "
+                                       ".safetensors LoRA") from None
                 archive.unlink()
-            folder = weights_folder(extracted, redact(source))
+                folder = weights_folder(extracted, redact(source))
             self.make_room(_folder_bytes(folder))  # a compressed tar extracts to more than it weighed
             entry = self.root / key
             os.rename(folder, entry)
@@ -384,16 +396,6 @@ class WeightsCache:
     def _limits(self) -> ExtractionLimits:
         return ExtractionLimits(max_members=1000, max_total_bytes=2 * self.settings.max_download_bytes,
                                 max_member_bytes=self.settings.max_download_bytes, max_ratio=100.0)
-
-
-def is_safetensors(path: Path) -> bool:
-    """Whether the file starts like a safetensors file: an 8-byte little-endian header length that fits in the
-    file, then the header's opening brace."""
-    with open(path, "rb") as handle:
-        head = handle.read(9)
-    if len(head) < 9 or head[8:9] != b"{":
-        return False
-    return 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
 
 
 def weights_folder(extracted: Path, label: str) -> Path:
