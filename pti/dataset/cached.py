@@ -49,6 +49,8 @@ class CachedItem:
     mask: torch.Tensor  # [1, h, w]
     caption: str  # trigger words already replaced by new tokens
     time_ids: torch.Tensor  # [6]: original (h, w), crop (top, left), target (h, w)
+    repeats: int = 1  # times the item is seen per epoch
+    concept: str = ""  # the concept folder's word ("" outside concept folders)
 
 
 class CachedDataset:
@@ -84,6 +86,8 @@ class CachedDataset:
                 caption=replace_trigger_words(item.caption, triggers),
                 time_ids=torch.tensor([*item.original_size, *item.crop_top_left, height, width],
                                       dtype=torch.float32, device=device),
+                repeats=item.repeats,
+                concept=item.concept,
             ))
         return cls(cached)
 
