@@ -73,6 +73,9 @@ class PreprocessSettings:
     clipseg_temperature: float = 1.0
     crop_based_on_salience: bool = True  # centre crops on the face / mask instead of the image's middle
     use_bucketing: bool = False  # keep aspect ratios: nearest SDXL bucket instead of square crops
+    bucket_min_side: int | None = None  # buckets with a shorter side are not used (None: no bound)
+    bucket_max_side: int | None = None  # buckets with a longer side are not used (None: no bound)
+    max_upscale: float = 4.0  # photos that would have to be enlarged more than this are skipped
     upscaler_model: str | None = None  # Swin2SR id or folder for photos smaller than the target; None: Lanczos only
     input_images_filetype: str = "infer"  # cog-sdxl's "zip" | "tar" | "infer"; the content decides
     mask_floor: float = 0.1  # weight of pixels outside the face/prompted region
@@ -95,8 +98,16 @@ class PreprocessSettings:
         if self.input_images_filetype not in DECLARED_TYPES:
             raise PreprocessError(f"input_images_filetype must be one of {', '.join(DECLARED_TYPES)}, got "
                                   f"{self.input_images_filetype!r}")
+        if self.max_upscale < 1:
+            raise PreprocessError(f"max_upscale must be at least 1 (1: never enlarge), got {self.max_upscale}")
+        if self.use_bucketing and not self.buckets():
+            raise PreprocessError(f"no SDXL bucket for resolution {self.resolution} has sides between "
+                                  f"bucket_min_side={self.bucket_min_side} and bucket_max_side={self.bucket_max_side}")
         if self.detection_max_side < 128:
             raise PreprocessError(f"detection_max_side must be at least 128, got {self.detection_max_side}")
+
+    def buckets(self) -> list[tuple[int, int]]:
+        return sdxl_buckets(self.resolution, self.bucket_min_side, self.bucket_max_side) if self.use_bucketing else []
 
     @property
     def triggers(self) -> tuple[str, ...]:
@@ -249,7 +260,7 @@ class PhotoModels:
 
 def crop_and_mask(root: Path, image_paths: list[Path], staging: Path, settings: PreprocessSettings,
                   device: torch.device) -> list[TrainingImage]:
-    buckets = sdxl_buckets(settings.resolution) if settings.use_bucketing else []
+    buckets = settings.buckets()
     if settings.mask_mode != "none":
         (staging / "masks").mkdir()
     decode_side = settings.resolution
@@ -269,12 +280,20 @@ def crop_and_mask(root: Path, image_paths: list[Path], staging: Path, settings: 
                 logger.warning("skipping %s", error)
                 unusable.append(str(error))
                 continue
+            target = nearest_bucket(photo.image.size, buckets) if buckets else (settings.resolution,) * 2
+            factor = crop_around(photo.image.size, target, centre_of(photo.image.size)).upscale_factor
+            if factor > settings.max_upscale:
+                reason = (f"{name}: {photo.image.size[0]}x{photo.image.size[1]} would be enlarged {factor:.1f}x to "
+                          f"{target[0]}x{target[1]}, more than max_upscale={settings.max_upscale:g}")
+                logger.warning("skipping %s", reason)
+                unusable.append(reason)
+                continue
             done.append(crop_one(photo, path, len(done), staging, settings, buckets, models))
     if not done:
         reasons = "; ".join(unusable[:MAX_REASONS_IN_ERROR])
         raise PreprocessError(f"none of the {len(image_paths)} images could be used: {reasons}")
     if unusable:
-        logger.warning("%d of %d images were skipped as unreadable", len(unusable), len(image_paths))
+        logger.warning("%d of %d images were skipped (unreadable or too small)", len(unusable), len(image_paths))
     return done
 
 

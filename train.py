@@ -114,6 +114,9 @@ def train(
                                   default=False),
     keep_tokens: int = Input(description="Leading caption tags kept in place by caption_shuffle", default=1, ge=0),
     flip_augmentation: bool = Input(description="Randomly mirror images horizontally", default=False),
+    color_aug_copies: int = Input(description="Colour augmentation (kohya's color_aug): each image is also cached as "
+                                  "this many copies with a random hue turn of up to ±16°, and every sample draws the "
+                                  "original or a copy (0: off)", default=0, ge=0, le=16),
     class_images: Optional[Path] = Input(description="Prior preservation: .zip/.tar of class images (subfolders "
                                          "such as kohya's 1_person/ and captions as for input_images); needs "
                                          "class_prompt", default=None),
@@ -125,6 +128,12 @@ def train(
                                      ge=0.0),
     use_bucketing: bool = Input(description="Keep aspect ratios (SDXL buckets) instead of square crops",
                                 default=False),
+    bucket_min_side: Optional[int] = Input(description="use_bucketing: no bucket with a shorter side than this "
+                                           "(kohya's min_bucket_reso; empty: no bound)", default=None, ge=64),
+    bucket_max_side: Optional[int] = Input(description="use_bucketing: no bucket with a longer side than this "
+                                           "(kohya's max_bucket_reso; empty: no bound)", default=None, ge=64),
+    max_upscale: float = Input(description="Photos that would have to be enlarged more than this factor to reach "
+                               "the training size are skipped (raise it to use them anyway)", default=4.0, ge=1.0),
     captioning_model: str = Input(description="Captioning model for images without captions (empty: "
                                   "caption_prefix only)", default=DEFAULT_CAPTIONER),
     gradient_checkpointing: Optional[bool] = Input(description="Trade compute for memory; empty: on only when a "
@@ -245,6 +254,7 @@ def _training_settings(args: dict, work: PlainPath) -> TrainingSettings:
         caption_shuffle=args["caption_shuffle"],
         keep_tokens=args["keep_tokens"],
         flip_augmentation=args["flip_augmentation"],
+        color_aug_copies=args["color_aug_copies"],
         class_data_dir=work / "class_images" if args["class_prompt"] else None,
         class_prompt=args["class_prompt"],
         prior_loss_weight=args["prior_loss_weight"],
@@ -291,6 +301,9 @@ def _preprocess_settings(args: dict, device: str | None = None) -> preprocess.Pr
         clipseg_temperature=args["clipseg_temperature"],
         crop_based_on_salience=args["crop_based_on_salience"],
         use_bucketing=args["use_bucketing"],
+        bucket_min_side=args["bucket_min_side"],
+        bucket_max_side=args["bucket_max_side"],
+        max_upscale=args["max_upscale"],
         input_images_filetype=args["input_images_filetype"],
     )
 
@@ -307,6 +320,9 @@ def _class_preprocess_settings(args: dict, device: str | None = None) -> preproc
         captioning_model=None,
         crop_based_on_salience=False,
         use_bucketing=args["use_bucketing"],
+        bucket_min_side=args["bucket_min_side"],
+        bucket_max_side=args["bucket_max_side"],
+        max_upscale=args["max_upscale"],
         input_images_filetype=args["input_images_filetype"],
     )
 

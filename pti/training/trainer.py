@@ -121,6 +121,7 @@ class TrainingSettings:
     keep_tokens: int = 1
     text_cache_max_bytes: int = DEFAULT_TEXT_CACHE_BYTES  # text-encoder outputs kept after the pivot (shuffling)
     flip_augmentation: bool = False
+    color_aug_copies: int = 0  # colour augmentation: hue-turned copies cached per training image (0: off)
     # prior preservation
     class_data_dir: Path | None = None
     class_prompt: str | None = None
@@ -149,6 +150,7 @@ class TrainingSettings:
         non_negative = {"lr_warmup_steps": self.lr_warmup_steps, "checkpointing_steps": self.checkpointing_steps,
                         "pyramid_noise_iterations": self.pyramid_noise_iterations,
                         "num_class_images": self.num_class_images, "keep_tokens": self.keep_tokens,
+                        "color_aug_copies": self.color_aug_copies,
                         "ti_lr": self.ti_lr, "lora_lr": self.lora_lr, "unet_learning_rate": self.unet_learning_rate,
                         "noise_offset": self.noise_offset, "prior_loss_weight": self.prior_loss_weight}
         for name, value in non_negative.items():
@@ -352,7 +354,8 @@ class Trainer:
         show = s.show_progress and self.accelerator.is_main_process
         self.dataset = CachedDataset.build(self.plan.items, pipe.vae, self.plan.triggers, resize_to=self._resize_to(),
                                            flip=s.flip_augmentation, device=self.runtime.device,
-                                           dtype=self.runtime.vae_dtype, show_progress=show)
+                                           dtype=self.runtime.vae_dtype, show_progress=show,
+                                           color_copies=s.color_aug_copies, seed=s.seed)
         self.class_dataset = None
         if s.class_data_dir is not None:
             self.plan.class_items = _class_items(s)
@@ -608,7 +611,10 @@ class Trainer:
         indices = [members[slot % width] for slot in slots]
         rngs = [key.python_rng() for key in keys]
         flips = [self.settings.flip_augmentation and rng.random() < 0.5 for rng in rngs]
-        batch = dataset.batch(indices, flips)
+        colors = [rng.randrange(len(dataset.items[i].color_copies) + 1) if dataset.items[i].color_copies else 0
+                  for i, rng in zip(indices, rngs)]
+        batch = dataset.batch(indices, flips, colors)
+        batch["colors"] = colors
         batch["captions"] = [self.caption_augmentation.apply(c, rng) for c, rng in zip(batch["captions"], rngs)]
         batch["keys"] = keys
         return batch
