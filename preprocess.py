@@ -18,7 +18,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from pti.models.base_model import pick_runtime, resolve_source
-from pti.preprocessing.captioning import DEFAULT_CAPTIONER, automatic_captions, load_captioner, sidecar_captions, table_captions
+from pti.preprocessing.captioning import (
+    DEFAULT_CAPTIONER,
+    automatic_captions,
+    load_captioner,
+    sidecar_captions,
+    table_captions,
+)
+from pti.preprocessing.concepts import TOP_LEVEL, Concept, ConceptFolderError, assign_concepts, concept_prefix, with_trigger
 from pti.preprocessing.contact_sheet import SheetEntry, write_contact_sheet
 from pti.preprocessing.cropping import Crop, centre_of, centre_of_mass, crop_around, cut_mask, nearest_bucket, sdxl_buckets
 from pti.preprocessing.image_loading import (
@@ -41,7 +48,7 @@ DEFAULT_CLIPSEG = "CIDAS/clipseg-rd64-refined"
 PHOTO_ARCHIVE_LIMITS = ExtractionLimits(max_members=10_000, max_total_bytes=4 * 1024**3,
                                         max_member_bytes=256 * 1024**2, max_ratio=100.0)
 CAPTIONS_HEADER = ("image_file", "mask_file", "caption", "original_width", "original_height", "crop_top", "crop_left",
-                   "width", "height")
+                   "width", "height", "repeats", "concept")
 CLIPSEG_MAX_SIDE = 512  # CLIPSeg sees 352x352; a larger copy only costs time
 MAX_REASONS_IN_ERROR = 3
 PNG_COMPRESS_LEVEL = 1  # zlib's default level 6 made PNG encoding most of the run time, for files ~25% smaller
@@ -54,7 +61,9 @@ class PreprocessError(ValueError):
 @dataclass(frozen=True)
 class PreprocessSettings:
     resolution: int = 1024  # side of square crops, or the ~pixel budget (resolution²) of buckets
-    token_string: str = "TOK"  # trigger word; kept in this exact case in every caption
+    token_string: str = "TOK"  # the trigger word of caption_prefix and of images outside concept folders
+    trigger_words: tuple[str, ...] = ()  # the run's other trigger words (concept folders); each keeps its case
+    class_images: bool = False  # a class-image upload: kohya folders give repeats only, captions name no trigger
     caption_prefix: str = "a photo of TOK, "
     captioning_model: str | None = DEFAULT_CAPTIONER  # model id or folder; None: no automatic captions
     caption_max_tokens: int = 40
@@ -64,6 +73,9 @@ class PreprocessSettings:
     clipseg_temperature: float = 1.0
     crop_based_on_salience: bool = True  # centre crops on the face / mask instead of the image's middle
     use_bucketing: bool = False  # keep aspect ratios: nearest SDXL bucket instead of square crops
+    bucket_min_side: int | None = None  # buckets with a shorter side are not used (None: no bound)
+    bucket_max_side: int | None = None  # buckets with a longer side are not used (None: no bound)
+    max_upscale: float = 4.0  # photos that would have to be enlarged more than this are skipped
     upscaler_model: str | None = None  # Swin2SR id or folder for photos smaller than the target; None: Lanczos only
     input_images_filetype: str = "infer"  # cog-sdxl's "zip" | "tar" | "infer"; the content decides
     mask_floor: float = 0.1  # weight of pixels outside the face/prompted region
@@ -86,8 +98,23 @@ class PreprocessSettings:
         if self.input_images_filetype not in DECLARED_TYPES:
             raise PreprocessError(f"input_images_filetype must be one of {', '.join(DECLARED_TYPES)}, got "
                                   f"{self.input_images_filetype!r}")
+        if self.max_upscale < 1:
+            raise PreprocessError(f"max_upscale must be at least 1 (1: never enlarge), got {self.max_upscale}")
+        if self.use_bucketing and not self.buckets():
+            raise PreprocessError(f"no SDXL bucket for resolution {self.resolution} has sides between "
+                                  f"bucket_min_side={self.bucket_min_side} and bucket_max_side={self.bucket_max_side}")
         if self.detection_max_side < 128:
             raise PreprocessError(f"detection_max_side must be at least 128, got {self.detection_max_side}")
+
+    def buckets(self) -> list[tuple[int, int]]:
+        return sdxl_buckets(self.resolution, self.bucket_min_side, self.bucket_max_side) if self.use_bucketing else []
+
+    @property
+    def triggers(self) -> tuple[str, ...]:
+        """Every trigger word of the run, token_string's first."""
+        if self.class_images:
+            return ()
+        return tuple(dict.fromkeys(word for word in (self.token_string, *self.trigger_words) if word))
 
     @property
     def mask_mode(self) -> str:
@@ -104,6 +131,7 @@ class TrainingImage:
     mask_file: str | None
     original_size: tuple[int, int]
     crop: Crop
+    concept: Concept = TOP_LEVEL
     notes: list[str] = field(default_factory=list)
 
 
@@ -152,8 +180,14 @@ def build_dataset(upload_name: str, root: Path, staging: Path, settings: Preproc
     if not image_paths:
         raise PreprocessError(f"{upload_name}: no images found (looked for {', '.join(sorted(IMAGE_SUFFIXES))} "
                               f"among {len(other_paths)} files)")
+    try:
+        concepts = assign_concepts(root, image_paths, settings.triggers, with_trigger=not settings.class_images)
+    except ConceptFolderError as error:
+        raise PreprocessError(f"{upload_name}: {error}") from None
     (staging / "images").mkdir(parents=True)
-    training_images = crop_and_mask(root, image_paths, staging, settings, device)
+    training_images = [replace(item, concept=concepts[item.source])
+                       for item in crop_and_mask(root, image_paths, staging, settings, device)]
+    log_concepts(training_images)
     captions = collect_captions(root, training_images, other_paths, staging, settings, device)
     write_captions_csv(staging / "captions.csv", training_images, captions)
     write_contact_sheet([sheet_entry(staging, item, captions[item.name]) for item in training_images],
@@ -226,7 +260,7 @@ class PhotoModels:
 
 def crop_and_mask(root: Path, image_paths: list[Path], staging: Path, settings: PreprocessSettings,
                   device: torch.device) -> list[TrainingImage]:
-    buckets = sdxl_buckets(settings.resolution) if settings.use_bucketing else []
+    buckets = settings.buckets()
     if settings.mask_mode != "none":
         (staging / "masks").mkdir()
     decode_side = settings.resolution
@@ -246,12 +280,20 @@ def crop_and_mask(root: Path, image_paths: list[Path], staging: Path, settings: 
                 logger.warning("skipping %s", error)
                 unusable.append(str(error))
                 continue
+            target = nearest_bucket(photo.image.size, buckets) if buckets else (settings.resolution,) * 2
+            factor = crop_around(photo.image.size, target, centre_of(photo.image.size)).upscale_factor
+            if factor > settings.max_upscale:
+                reason = (f"{name}: {photo.image.size[0]}x{photo.image.size[1]} would be enlarged {factor:.1f}x to "
+                          f"{target[0]}x{target[1]}, more than max_upscale={settings.max_upscale:g}")
+                logger.warning("skipping %s", reason)
+                unusable.append(reason)
+                continue
             done.append(crop_one(photo, path, len(done), staging, settings, buckets, models))
     if not done:
         reasons = "; ".join(unusable[:MAX_REASONS_IN_ERROR])
         raise PreprocessError(f"none of the {len(image_paths)} images could be used: {reasons}")
     if unusable:
-        logger.warning("%d of %d images were skipped as unreadable", len(unusable), len(image_paths))
+        logger.warning("%d of %d images were skipped (unreadable or too small)", len(unusable), len(image_paths))
     return done
 
 
@@ -288,22 +330,41 @@ def safe_stem(stem: str) -> str:
     return cleaned[:40] or "image"
 
 
+def log_concepts(items: list[TrainingImage]) -> None:
+    by_folder: dict[Concept, int] = {}
+    for item in items:
+        by_folder[item.concept] = by_folder.get(item.concept, 0) + 1
+    for concept, count in by_folder.items():
+        if concept.folder:
+            logger.info("concept folder %s: %d images, trigger %s, class %r, repeats %d", concept.folder, count,
+                        concept.trigger or "-", concept.class_word, concept.repeats)
+
+
 def collect_captions(root: Path, items: list[TrainingImage], other_paths: list[Path], staging: Path,
                      settings: PreprocessSettings, device: torch.device) -> dict[str, str]:
-    """Captions by image name: sidecar files first, then caption tables, then the captioning model."""
+    """Captions by image name: sidecar files first, then caption tables, then the captioning model. A concept
+    folder's images get its trigger word in their captions (given or generated) and its class word in generated
+    ones; other images keep the caption they were given."""
     sources = [item.source for item in items]
     given = table_captions(root, sources, other_paths)
     given.update(sidecar_captions(sources))
-    captions = {item.name: given[item.source] for item in items if item.source in given}
-    for name, caption in captions.items():
-        if settings.token_string and settings.token_string not in caption:
-            logger.warning("%s: caption %r does not mention the trigger word %s", name, caption,
-                           settings.token_string)
-    missing = {item.name: staging / item.image_file for item in items if item.name not in captions}
+    captions = {item.name: with_trigger(given[item.source], item.concept) for item in items if item.source in given}
+    for item in items:
+        caption = captions.get(item.name)
+        if caption is not None and item.concept.trigger is None and settings.triggers and not any(
+                word in caption for word in settings.triggers):
+            logger.warning("%s: caption %r does not mention a trigger word (%s)", item.name, caption,
+                           ", ".join(settings.triggers))
+    missing = [item for item in items if item.name not in captions]
     if missing:
         captioner = load_captioner(settings.captioning_model, device, settings.caption_max_tokens)
-        captions.update(automatic_captions(captioner, missing, settings.caption_prefix, (settings.token_string,),
-                                           settings.caption_batch_size))
+        prefixes: dict[str, dict[str, Path]] = {}
+        for item in missing:
+            prefix = concept_prefix(settings.caption_prefix, settings.token_string, item.concept)
+            prefixes.setdefault(prefix, {})[item.name] = staging / item.image_file
+        for prefix, images in prefixes.items():
+            captions.update(automatic_captions(captioner, images, prefix, settings.triggers,
+                                               settings.caption_batch_size))
     return captions
 
 
@@ -314,7 +375,8 @@ def write_captions_csv(path: Path, items: list[TrainingImage], captions: dict[st
         for item in items:
             crop_top, crop_left = item.crop.offset_at_target_scale()
             writer.writerow([item.image_file, item.mask_file or "", captions[item.name], *item.original_size,
-                             crop_top, crop_left, *item.crop.target])
+                             crop_top, crop_left, *item.crop.target, item.concept.repeats,
+                             item.concept.trigger or item.concept.class_word])
 
 
 def sheet_entry(staging: Path, item: TrainingImage, caption: str) -> SheetEntry:

@@ -30,8 +30,7 @@ from pti.models.base_model import pick_runtime, release_cached_memory
 from pti.training.optim import OPTIMIZERS, SCHEDULERS
 from pti.formats.export import SAVE_PRECISIONS
 from pti.training.process_sync import SharedStep
-from pti.preprocessing.safe_archive import safe_extract
-from pti.training.trainer import DEFAULT_LORA_TARGETS, TrainingSettings, check_runtime, train_model
+from pti.training.trainer import DEFAULT_LORA_TARGETS, SettingsError, TrainingSettings, check_runtime, train_model
 
 
 TAR_NAME = "trained_model.tar"
@@ -44,7 +43,9 @@ class TrainingOutput(BaseModel):
 
 def train(
     input_images: Path = Input(description="A .zip or .tar file (or folder) of the images to fine-tune on; "
-                               "captions may come as <image>.txt files or a caption.csv (image_file,caption) beside them"),
+                               "captions may come as <image>.txt files or a caption.csv (image_file,caption) beside "
+                               "them. Several concepts: one folder each, named <repeats>_<trigger> <class> (kohya: "
+                               "10_TOK person) or <trigger>"),
     seed: Optional[int] = Input(description="Random seed for reproducible training. Leave empty to use a random seed",
                                 default=None),
     resolution: int = Input(description="Square pixel resolution which your images will be resized to for training",
@@ -85,6 +86,8 @@ def train(
     ti_frac: float = Input(description="Fraction of the steps during which the new-token embeddings train (pivotal "
                            "tuning); afterwards only the UNet trains", default=0.5, ge=0.0, le=1.0),
     num_new_tokens: int = Input(description="New tokens per trigger word (<s0><s1>…)", default=2, ge=1),
+    repeats: int = Input(description="Times each image is seen per epoch, multiplying a concept folder's own "
+                         "repeats (10_TOK person: 10)", default=1, ge=1),
     token_init_word: Optional[str] = Input(description="Initialise the new tokens from this word's embedding "
                                            "instead of random rows", default=None),
     lora_alpha: Optional[float] = Input(description="LoRA alpha (scale alpha/rank); empty: equal to lora_rank",
@@ -111,7 +114,12 @@ def train(
                                   default=False),
     keep_tokens: int = Input(description="Leading caption tags kept in place by caption_shuffle", default=1, ge=0),
     flip_augmentation: bool = Input(description="Randomly mirror images horizontally", default=False),
-    class_images: Optional[Path] = Input(description="Prior preservation: .zip/.tar of class images", default=None),
+    color_aug_copies: int = Input(description="Colour augmentation (kohya's color_aug): each image is also cached as "
+                                  "this many copies with a random hue turn of up to ±16°, and every sample draws the "
+                                  "original or a copy (0: off)", default=0, ge=0, le=16),
+    class_images: Optional[Path] = Input(description="Prior preservation: .zip/.tar of class images (subfolders "
+                                         "such as kohya's 1_person/ and captions as for input_images); needs "
+                                         "class_prompt", default=None),
     class_prompt: Optional[str] = Input(description="Prior preservation: prompt of the class (e.g. 'a photo of a "
                                         "dog'); enables prior preservation", default=None),
     num_class_images: int = Input(description="Prior preservation: generate class images with the base model until "
@@ -120,6 +128,12 @@ def train(
                                      ge=0.0),
     use_bucketing: bool = Input(description="Keep aspect ratios (SDXL buckets) instead of square crops",
                                 default=False),
+    bucket_min_side: Optional[int] = Input(description="use_bucketing: no bucket with a shorter side than this "
+                                           "(kohya's min_bucket_reso; empty: no bound)", default=None, ge=64),
+    bucket_max_side: Optional[int] = Input(description="use_bucketing: no bucket with a longer side than this "
+                                           "(kohya's max_bucket_reso; empty: no bound)", default=None, ge=64),
+    max_upscale: float = Input(description="Photos that would have to be enlarged more than this factor to reach "
+                               "the training size are skipped (raise it to use them anyway)", default=4.0, ge=1.0),
     captioning_model: str = Input(description="Captioning model for images without captions (empty: "
                                   "caption_prefix only)", default=DEFAULT_CAPTIONER),
     gradient_checkpointing: Optional[bool] = Input(description="Trade compute for memory; empty: on only when a "
@@ -183,7 +197,7 @@ def _preprocess_once(args: dict, settings: TrainingSettings, state: PartialState
         preprocess.preprocess(PlainPath(args["input_images"]), settings.dataset_dir,
                               _preprocess_settings(args, str(device)))
         if settings.class_data_dir is not None:
-            _unpack_class_images(args["class_images"], settings.class_data_dir, args["input_images_filetype"])
+            _prepare_class_images(args, settings.class_data_dir, str(device))
     except BaseException as error:
         if state.num_processes > 1:
             step.mark_failed(failures.explain(error, "preprocessing") if isinstance(error, Exception) else
@@ -196,6 +210,9 @@ def _preprocess_once(args: dict, settings: TrainingSettings, state: PartialState
 
 
 def _training_settings(args: dict, work: PlainPath) -> TrainingSettings:
+    if args["class_images"] is not None and not args["class_prompt"]:
+        raise SettingsError("class_images needs class_prompt (e.g. 'a photo of a person'), which turns on prior "
+                            "preservation")
     seed = args["seed"] if args["seed"] is not None else int.from_bytes(os.urandom(2), "big")
     return TrainingSettings(
         inputs={name: str(value) if isinstance(value, PlainPath) else value for name, value in args.items()},
@@ -212,6 +229,7 @@ def _training_settings(args: dict, work: PlainPath) -> TrainingSettings:
         max_grad_norm=args["max_grad_norm"] or None,
         token_string=args["token_string"],
         num_new_tokens=args["num_new_tokens"],
+        repeats=args["repeats"],
         token_init_word=args["token_init_word"],
         caption_prefix=args["caption_prefix"],
         ti_frac=args["ti_frac"],
@@ -236,6 +254,7 @@ def _training_settings(args: dict, work: PlainPath) -> TrainingSettings:
         caption_shuffle=args["caption_shuffle"],
         keep_tokens=args["keep_tokens"],
         flip_augmentation=args["flip_augmentation"],
+        color_aug_copies=args["color_aug_copies"],
         class_data_dir=work / "class_images" if args["class_prompt"] else None,
         class_prompt=args["class_prompt"],
         prior_loss_weight=args["prior_loss_weight"],
@@ -269,10 +288,12 @@ def _plain(value):
 
 
 def _preprocess_settings(args: dict, device: str | None = None) -> preprocess.PreprocessSettings:
+    triggers = tuple(trigger.word for trigger in parse_token_string(args["token_string"]))
     return preprocess.PreprocessSettings(
         device=device,
         resolution=args["resolution"],
-        token_string=parse_token_string(args["token_string"])[0].word,  # preprocess keeps one trigger word's case
+        token_string=triggers[0],  # the trigger of caption_prefix and of images outside concept folders
+        trigger_words=triggers[1:],
         caption_prefix=args["caption_prefix"],
         captioning_model=args["captioning_model"] or None,
         use_face_detection_instead=args["use_face_detection_instead"],
@@ -280,16 +301,39 @@ def _preprocess_settings(args: dict, device: str | None = None) -> preprocess.Pr
         clipseg_temperature=args["clipseg_temperature"],
         crop_based_on_salience=args["crop_based_on_salience"],
         use_bucketing=args["use_bucketing"],
+        bucket_min_side=args["bucket_min_side"],
+        bucket_max_side=args["bucket_max_side"],
+        max_upscale=args["max_upscale"],
         input_images_filetype=args["input_images_filetype"],
     )
 
 
-def _unpack_class_images(class_images: PlainPath | None, folder: PlainPath, filetype: str) -> None:
-    """The uploaded class images (archive or folder) into ``folder``; without an upload an empty folder, which the
-    trainer fills with generated images."""
-    if class_images is None:
+def _class_preprocess_settings(args: dict, device: str | None = None) -> preprocess.PreprocessSettings:
+    """Class images are cropped and bucketed like the instance images; their captions are their own (sidecar
+    files, caption.csv) or class_prompt; kohya folders (1_person/) give repeats."""
+    return preprocess.PreprocessSettings(
+        device=device,
+        resolution=args["resolution"],
+        token_string="",
+        class_images=True,
+        caption_prefix=args["class_prompt"] or "",
+        captioning_model=None,
+        crop_based_on_salience=False,
+        use_bucketing=args["use_bucketing"],
+        bucket_min_side=args["bucket_min_side"],
+        bucket_max_side=args["bucket_max_side"],
+        max_upscale=args["max_upscale"],
+        input_images_filetype=args["input_images_filetype"],
+    )
+
+
+def _prepare_class_images(args: dict, folder: PlainPath, device: str | None) -> None:
+    """The uploaded class images (archive or folder, subfolders and captions included) as a dataset folder in
+    ``folder``; without an upload an empty folder, which the trainer fills with generated images."""
+    if args["class_images"] is None:
         folder.mkdir(parents=True, exist_ok=True)
-    elif PlainPath(class_images).is_dir():
-        shutil.copytree(class_images, folder)
-    else:
-        safe_extract(PlainPath(class_images), folder, preprocess.PHOTO_ARCHIVE_LIMITS, declared=filetype)
+        return
+    try:
+        preprocess.preprocess(PlainPath(args["class_images"]), folder, _class_preprocess_settings(args, device))
+    except preprocess.PreprocessError as error:
+        raise preprocess.PreprocessError(f"class_images: {error}") from None

@@ -210,7 +210,7 @@ def test_full_finetune_with_buckets_prior_preservation_and_every_option(tmp_path
         caption_shuffle=True, flip_augmentation=True, lr_scheduler="cosine", lr_warmup_steps=1,
         gradient_checkpointing=True, token_string="TOK:1", validation_prompts=())
     trainer = Trainer.create(settings)
-    assert sorted(p.name for p in class_dir.glob("*.png")) == ["class-0000.png", "class-0001.png"]
+    assert sorted(p.name for p in (class_dir / "generated").glob("*.png")) == ["class-0000.png", "class-0001.png"]
     before = {k: v.detach().clone() for k, v in trainer.unet.named_parameters()}
     optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate wraps it
     trainer.run()

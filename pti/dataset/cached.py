@@ -3,7 +3,7 @@ SDXL micro-conditioning."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,22 @@ def load_image(path: Path, size: int | None = None) -> Image.Image:
     if size is not None and image.size != (size, size):
         image = ImageOps.fit(image, (size, size), Image.Resampling.LANCZOS)
     return image
+
+
+MAX_HUE_SHIFT_DEGREES = 16.0  # kohya's color_aug: hue shifts up to 8 on OpenCV's 0-180 hue scale
+
+
+def hue_shifted(image: Image.Image, degrees: float) -> Image.Image:
+    """``image`` with every pixel's hue turned by ``degrees`` (saturation and value kept)."""
+    hsv = np.asarray(image.convert("HSV")).astype(np.int32)
+    hsv[..., 0] = (hsv[..., 0] + round(degrees / 360.0 * 256)) % 256
+    return Image.fromarray(hsv.astype(np.uint8), "HSV").convert("RGB")
+
+
+def hue_shifts(seed: int, index: int, copies: int) -> tuple[float, ...]:
+    """The hue shifts of item ``index``'s colour copies: uniform in ±MAX_HUE_SHIFT_DEGREES, fixed by (seed, index)."""
+    rng = np.random.default_rng([seed, index])
+    return tuple(float(x) for x in rng.uniform(-MAX_HUE_SHIFT_DEGREES, MAX_HUE_SHIFT_DEGREES, copies))
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -49,6 +65,10 @@ class CachedItem:
     mask: torch.Tensor  # [1, h, w]
     caption: str  # trigger words already replaced by new tokens
     time_ids: torch.Tensor  # [6]: original (h, w), crop (top, left), target (h, w)
+    repeats: int = 1  # times the item is seen per epoch
+    concept: str = ""  # the concept folder's word ("" outside concept folders)
+    hue_shifts: tuple[float, ...] = ()  # colour augmentation: the hue turn of each copy, in degrees
+    color_copies: list[tuple[torch.Tensor, torch.Tensor | None]] = field(default_factory=list)  # (latents, flipped)
 
 
 class CachedDataset:
@@ -63,12 +83,16 @@ class CachedDataset:
     @classmethod
     @torch.no_grad()
     def build(cls, dataset: list[DatasetItem], vae, triggers: list[TriggerWord], *, resize_to: int | None,
-              flip: bool, device: torch.device, dtype: torch.dtype, show_progress: bool = True) -> CachedDataset:
+              flip: bool, device: torch.device, dtype: torch.dtype, show_progress: bool = True,
+              color_copies: int = 0, seed: int = 0) -> CachedDataset:
+        """``color_copies``: colour augmentation done before caching, so the cached latents are those of the
+        augmented pixels: each item is also encoded as that many hue-turned copies (:func:`hue_shifts`), and a
+        sample draws the original or one copy."""
         from tqdm.auto import tqdm
 
         factor = 2 ** (len(vae.config.block_out_channels) - 1)
         cached = []
-        for item in tqdm(dataset, desc="caching latents", disable=not show_progress):
+        for index, item in enumerate(tqdm(dataset, desc="caching latents", disable=not show_progress)):
             image = load_image(item.image_path, resize_to)
             pixels = image_to_tensor(image)[None].to(device, dtype)
             height, width = pixels.shape[-2:]
@@ -84,16 +108,26 @@ class CachedDataset:
                 caption=replace_trigger_words(item.caption, triggers),
                 time_ids=torch.tensor([*item.original_size, *item.crop_top_left, height, width],
                                       dtype=torch.float32, device=device),
+                repeats=item.repeats,
+                concept=item.concept,
             ))
+            shifts = hue_shifts(seed, index, color_copies)
+            for degrees in shifts:
+                shifted = image_to_tensor(hue_shifted(image, degrees))[None].to(device, dtype)
+                cached[-1].color_copies.append(
+                    (_encode(vae, shifted), _encode(vae, torch.flip(shifted, dims=[-1])) if flip else None))
+            cached[-1].hue_shifts = shifts
         return cls(cached)
 
-    def batch(self, indices: list[int], flips: list[bool]) -> dict:
-        """Stack items ``indices`` (flipped where ``flips`` says so) into a training batch."""
+    def batch(self, indices: list[int], flips: list[bool], colors: list[int] | None = None) -> dict:
+        """Stack items ``indices`` (flipped where ``flips`` says so; ``colors``: 0 the original, k its k-th colour
+        copy) into a training batch."""
         latents, masks = [], []
-        for index, flip in zip(indices, flips):
+        for index, flip, color in zip(indices, flips, colors or [0] * len(indices)):
             item = self.items[index]
             use_flip = flip and item.flipped_latents is not None
-            latents.append(item.flipped_latents if use_flip else item.latents)
+            plain, flipped = (item.latents, item.flipped_latents) if color == 0 else item.color_copies[color - 1]
+            latents.append(flipped if use_flip else plain)
             masks.append(torch.flip(item.mask, dims=[-1]) if use_flip else item.mask)
         return {
             "latents": torch.stack(latents),

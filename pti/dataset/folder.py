@@ -20,6 +20,8 @@ class DatasetItem:
     caption: str  # as written, with trigger words (not yet replaced)
     original_size: tuple[int, int]  # (height, width) of the decoded photo
     crop_top_left: tuple[int, int]  # (top, left)
+    repeats: int = 1  # times the item is seen per epoch (kohya folder repeats)
+    concept: str = ""  # the concept folder's trigger (or class) word; "" outside concept folders
 
 
 def read_dataset_folder(folder: Path, caption_prefix: str = "") -> list[DatasetItem]:
@@ -47,14 +49,24 @@ def _read_captions_csv(folder: Path, csv_path: Path) -> list[DatasetItem]:
                     caption=row["caption"],
                     original_size=(int(row["original_height"]), int(row["original_width"])),
                     crop_top_left=(int(row["crop_top"]), int(row["crop_left"])),
+                    repeats=_optional_int(row, "repeats", default=1),
+                    concept=row.get("concept") or "",
                 )
             except (KeyError, TypeError, ValueError) as err:
                 raise DatasetError(f"{csv_path} line {line}: bad or missing column ({err})") from None
+            if item.repeats < 1:
+                raise DatasetError(f"{csv_path} line {line}: repeats must be at least 1, got {item.repeats}")
             for path in (item.image_path, item.mask_path):
                 if path is not None and not path.is_file():
                     raise DatasetError(f"{csv_path} line {line}: file {path.name} does not exist")
             items.append(item)
     return items
+
+
+def _optional_int(row: dict, column: str, default: int) -> int:
+    """An integer column that older dataset folders do not have (empty or absent: ``default``)."""
+    text = row.get(column)
+    return int(text) if text else default
 
 
 def _read_plain_folder(folder: Path, caption_prefix: str) -> list[DatasetItem]:

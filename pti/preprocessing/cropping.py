@@ -30,22 +30,29 @@ class Crop:
     def upscaled(self) -> bool:
         return self.width < self.target[0]
 
+    @property
+    def upscale_factor(self) -> float:
+        return self.target[0] / self.width
+
     def offset_at_target_scale(self) -> tuple[int, int]:
         """(top, left) of the crop in the photo scaled to the crop's resolution: SDXL's crop conditioning."""
         scale = self.target[0] / self.width
         return round(self.top * scale), round(self.left * scale)
 
 
-def sdxl_buckets(resolution: int) -> list[tuple[int, int]]:
+def sdxl_buckets(resolution: int, min_side: int | None = None, max_side: int | None = None) -> list[tuple[int, int]]:
     """(width, height) buckets with sides in multiples of 64 and about `resolution`² pixels, as SDXL was trained on;
-    for 1024 these include 1024x1024, 1152x896, 1216x832, 1344x768 and 1536x640 and their transposes."""
+    for 1024 these include 1024x1024, 1152x896, 1216x832, 1344x768 and 1536x640 and their transposes. `min_side` /
+    `max_side` drop buckets with a shorter / longer side (kohya's min/max_bucket_reso)."""
     area = resolution * resolution
     landscape = set()
     for width in range(resolution // BUCKET_STEP * BUCKET_STEP, 4 * resolution + 1, BUCKET_STEP):
         height = (area // width) // BUCKET_STEP * BUCKET_STEP
         if height >= BUCKET_STEP and width / height <= MAX_BUCKET_ASPECT:
             landscape.add((width, height))
-    return sorted(landscape | {(height, width) for width, height in landscape})
+    buckets = landscape | {(height, width) for width, height in landscape}
+    return sorted(bucket for bucket in buckets if (min_side is None or min(bucket) >= min_side)
+                  and (max_side is None or max(bucket) <= max_side))
 
 
 def nearest_bucket(size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:

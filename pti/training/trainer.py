@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 import random
 import uuid
@@ -49,8 +50,12 @@ from pti.training.losses import compute_snr, masked_mse_per_sample, min_snr_weig
 from pti.training.optim import SCHEDULERS, ParamGroup, ProdigySettings, build_optimizer, build_scheduler, check_optimizer_available
 from pti.training.process_sync import PeerFailed, SharedStep
 from pti.training.step_hooks import StepHooks
+from pti.training.text_cache import DEFAULT_TEXT_CACHE_BYTES, TextCache
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+GENERATED_CLASS_FOLDER = "generated"  # class images rendered from class_prompt, beside the uploaded ones
 PIVOT_ENCODE_CHUNK = 16  # captions encoded per text-encoder call at the pivot (hidden states of all at once spike)
 INITIAL_LOSS_SCALE = 2.0**16
 MIN_LOSS_SCALE = 1.0  # fp16 loss scaling that has fallen this far is not an overflow but a diverged run
@@ -81,6 +86,7 @@ class TrainingSettings:
     num_new_tokens: int = 2
     token_init_word: str | None = None  # None: random rows scaled to the table's std
     caption_prefix: str = "a photo of TOK, "  # captions of a plain folder of images
+    repeats: int = 1  # every training image is seen this many times per epoch (times its folder's repeats)
     ti_frac: float = 0.5  # fraction of optimizer steps that train the embeddings (the pivot)
     ti_lr: float = 3e-4
     ti_weight_decay: float = 0.0
@@ -113,7 +119,9 @@ class TrainingSettings:
     caption_dropout: float = 0.0
     caption_shuffle: bool = False
     keep_tokens: int = 1
+    text_cache_max_bytes: int = DEFAULT_TEXT_CACHE_BYTES  # text-encoder outputs kept after the pivot (shuffling)
     flip_augmentation: bool = False
+    color_aug_copies: int = 0  # colour augmentation: hue-turned copies cached per training image (0: off)
     # prior preservation
     class_data_dir: Path | None = None
     class_prompt: str | None = None
@@ -133,6 +141,7 @@ class TrainingSettings:
         positive_ints = {"train_batch_size": self.train_batch_size, "num_train_epochs": self.num_train_epochs,
                          "gradient_accumulation_steps": self.gradient_accumulation_steps,
                          "num_new_tokens": self.num_new_tokens, "resolution": self.resolution,
+                         "repeats": self.repeats, "text_cache_max_bytes": self.text_cache_max_bytes,
                          "lora_rank": self.lora_rank, "validation_num_inference_steps":
                          self.validation_num_inference_steps}
         for name, value in positive_ints.items():
@@ -141,6 +150,7 @@ class TrainingSettings:
         non_negative = {"lr_warmup_steps": self.lr_warmup_steps, "checkpointing_steps": self.checkpointing_steps,
                         "pyramid_noise_iterations": self.pyramid_noise_iterations,
                         "num_class_images": self.num_class_images, "keep_tokens": self.keep_tokens,
+                        "color_aug_copies": self.color_aug_copies,
                         "ti_lr": self.ti_lr, "lora_lr": self.lora_lr, "unet_learning_rate": self.unet_learning_rate,
                         "noise_offset": self.noise_offset, "prior_loss_weight": self.prior_loss_weight}
         for name, value in non_negative.items():
@@ -190,6 +200,17 @@ class TrainingPlan:
     total_steps: int  # optimizer steps
     pivot_step: int  # embeddings train for steps [0, pivot_step)
     resume_checkpoint: Path | None  # the checkpoint resume_from resolves to
+    samples_per_epoch: int  # images x their repeats (folder repeats times the repeats setting)
+    steps_per_epoch: int  # optimizer steps of one epoch
+
+    def concepts(self, repeats: int) -> dict[str, dict[str, int]]:
+        """Per concept folder word ("" for images outside concept folders): images and samples per epoch."""
+        summary: dict[str, dict[str, int]] = {}
+        for item in self.items:
+            entry = summary.setdefault(item.concept, {"images": 0, "samples_per_epoch": 0})
+            entry["images"] += 1
+            entry["samples_per_epoch"] += item.repeats * repeats
+        return summary
 
 
 def plan_training(settings: TrainingSettings, num_processes: int = 1) -> TrainingPlan:
@@ -210,26 +231,45 @@ def plan_training(settings: TrainingSettings, num_processes: int = 1) -> Trainin
     if settings.class_data_dir is not None and not class_items and settings.num_class_images == 0:
         raise SettingsError(f"class_data_dir {settings.class_data_dir} holds no images; add some or set "
                             "num_class_images")
-    if settings.max_train_steps is not None:
-        total = settings.max_train_steps
-    else:
-        per_step = settings.train_batch_size * settings.gradient_accumulation_steps * num_processes
-        total = settings.num_train_epochs * math.ceil(len(items) / per_step)
+    samples_per_epoch = sum(item.repeats for item in items) * settings.repeats
+    per_step = settings.train_batch_size * settings.gradient_accumulation_steps * num_processes
+    steps_per_epoch = math.ceil(samples_per_epoch / per_step)
+    total = settings.max_train_steps if settings.max_train_steps is not None else (
+        settings.num_train_epochs * steps_per_epoch)
     resume = None
     if settings.resume_from is not None:
         try:
             resume = find_resume_checkpoint(Path(settings.resume_from))
         except CheckpointError as err:
             raise SettingsError(str(err)) from None
-    return TrainingPlan(triggers, items, class_items, total, int(settings.ti_frac * total), resume)
+    return TrainingPlan(triggers, items, class_items, total, int(settings.ti_frac * total), resume,
+                        samples_per_epoch, steps_per_epoch)
 
 
 def _class_items(settings: TrainingSettings) -> list[DatasetItem]:
+    """The class images: the uploaded ones (a dataset folder that preprocessing wrote, with their own captions and
+    folder repeats, or a plain folder captioned class_prompt), then those generated into ``generated/``."""
+    folder = Path(settings.class_data_dir)
+    uploaded = _read_class_folder(folder, settings.class_prompt or "")
+    if not (folder / "captions.csv").is_file():
+        uploaded = [dataclasses.replace(item, caption=settings.class_prompt) for item in uploaded]
+    generated = _read_class_folder(folder / GENERATED_CLASS_FOLDER, settings.class_prompt or "")
+    return uploaded + [dataclasses.replace(item, caption=settings.class_prompt) for item in generated]
+
+
+def _read_class_folder(folder: Path, caption: str) -> list[DatasetItem]:
+    if not folder.is_dir():
+        return []
     try:
-        items = read_dataset_folder(Path(settings.class_data_dir), settings.class_prompt or "")
+        return read_dataset_folder(folder, caption)
     except DatasetError:
         return []
-    return [dataclasses.replace(item, caption=settings.class_prompt) for item in items]
+
+
+def class_image_counts(items: list[DatasetItem], class_data_dir: Path) -> dict[str, int]:
+    """How many class images were uploaded and how many generated."""
+    generated = sum(item.image_path.parent == Path(class_data_dir) / GENERATED_CLASS_FOLDER for item in items)
+    return {"uploaded": len(items) - generated, "generated": generated}
 
 
 @dataclass
@@ -262,7 +302,7 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.loss_history: list[float] = []
         self.sample_images: list[Path] = []
-        self.text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.text_cache: TextCache | None = None
         self.run_id = uuid.uuid4().hex[:12]  # names this run's markers in shared folders (Trainer.create: the main's)
         self.output_dir = Path(settings.output_dir)
         self.step_hooks: StepHooks = StepHooks()  # phase timing for benchmarks; no-op by default
@@ -314,14 +354,20 @@ class Trainer:
         show = s.show_progress and self.accelerator.is_main_process
         self.dataset = CachedDataset.build(self.plan.items, pipe.vae, self.plan.triggers, resize_to=self._resize_to(),
                                            flip=s.flip_augmentation, device=self.runtime.device,
-                                           dtype=self.runtime.vae_dtype, show_progress=show)
+                                           dtype=self.runtime.vae_dtype, show_progress=show,
+                                           color_copies=s.color_aug_copies, seed=s.seed)
         self.class_dataset = None
         if s.class_data_dir is not None:
             self.plan.class_items = _class_items(s)
             if not self.plan.class_items:
                 raise SettingsError(f"class_data_dir {s.class_data_dir} holds no images in this process; with "
                                     "several processes it must be a folder all of them share")
-            self.class_dataset = CachedDataset.build(self.plan.class_items, pipe.vae, [], resize_to=s.resolution,
+            counts = class_image_counts(self.plan.class_items, Path(s.class_data_dir))
+            logger.info("class images: %d uploaded, %d generated from class_prompt", counts["uploaded"],
+                        counts["generated"])
+            prepared = (Path(s.class_data_dir) / "captions.csv").is_file()  # already at their training sizes
+            self.class_dataset = CachedDataset.build(self.plan.class_items, pipe.vae, [],
+                                                     resize_to=None if prepared else s.resolution,
                                                      flip=s.flip_augmentation, device=self.runtime.device,
                                                      dtype=self.runtime.vae_dtype, show_progress=show)
         self.noise_scheduler = _training_noise_scheduler(pipe.scheduler)
@@ -411,9 +457,12 @@ class Trainer:
         from tqdm.auto import tqdm
 
         s = self.settings
-        folder = Path(s.class_data_dir)
+        folder = Path(s.class_data_dir) / GENERATED_CLASS_FOLDER
         folder.mkdir(parents=True, exist_ok=True)
         missing = s.num_class_images - len(self.plan.class_items)
+        if self.accelerator.is_main_process:
+            logger.info("class images: %d found, generating %d more to reach num_class_images=%d",
+                        len(self.plan.class_items), missing, s.num_class_images)
         rank, processes = self.accelerator.process_index, self.accelerator.num_processes
         step = SharedStep(folder, self.run_id, "class-images")
         try:
@@ -554,13 +603,18 @@ class Trainer:
         """This process's ``slots`` of global batch ``number`` of the endless stream of epochs (every global batch
         holds images of one size, a bucket), with each sample's flip and caption augmentation drawn from its key."""
         sizes = tuple(tuple(item.latents.shape[-2:]) for item in dataset.items)
-        per_epoch = len(_epoch_batches(seed, 0, sizes, width))
-        members = _epoch_batches(seed, number // per_epoch, sizes, width)[number % per_epoch]
+        scale = self.settings.repeats if stream == SampleKey.INSTANCE else 1
+        repeats = tuple(item.repeats * scale for item in dataset.items)
+        per_epoch = len(_epoch_batches(seed, 0, sizes, width, repeats))
+        members = _epoch_batches(seed, number // per_epoch, sizes, width, repeats)[number % per_epoch]
         keys = [SampleKey(self.settings.seed, self.step, slot, stream) for slot in slots]
         indices = [members[slot % width] for slot in slots]
         rngs = [key.python_rng() for key in keys]
         flips = [self.settings.flip_augmentation and rng.random() < 0.5 for rng in rngs]
-        batch = dataset.batch(indices, flips)
+        colors = [rng.randrange(len(dataset.items[i].color_copies) + 1) if dataset.items[i].color_copies else 0
+                  for i, rng in zip(indices, rngs)]
+        batch = dataset.batch(indices, flips, colors)
+        batch["colors"] = colors
         batch["captions"] = [self.caption_augmentation.apply(c, rng) for c, rng in zip(batch["captions"], rngs)]
         batch["keys"] = keys
         return batch
@@ -611,18 +665,19 @@ class Trainer:
         if self.text_cache is None or any(c not in self.text_cache for c in captions):
             with torch.set_grad_enabled(self.training_embeddings and torch.is_grad_enabled()), self.runtime.autocast():
                 embeds, pooled = encode_prompt(self.text_encoders, self.prompt_tokenizer(captions))
-            if self.text_cache is None:
-                return embeds, pooled
-            self._remember(captions, embeds, pooled)
-        embeds = torch.stack([self.text_cache[c][0] for c in captions])
-        pooled = torch.stack([self.text_cache[c][1] for c in captions])
-        return embeds, pooled
+            if self.text_cache is not None:
+                self._remember(captions, embeds, pooled)
+            return embeds, pooled
+        entries = [self.text_cache.get(c) for c in captions]
+        return torch.stack([e for e, _ in entries]), torch.stack([p for _, p in entries])
 
     def _pass_pivot(self) -> None:
         """Freeze the embeddings, encode every caption the rest of the run can see once, and move the encoders off
         the device (they stay only when caption shuffling makes the captions unpredictable)."""
         self.embeddings.set_trainable(False)
-        self.text_cache = {}
+        # Shuffled captions are unpredictable: they join as seen, within a byte budget. Otherwise the set is fixed
+        # and every caption must stay, as the encoders leave the device.
+        self.text_cache = TextCache(self.settings.text_cache_max_bytes if self.settings.caption_shuffle else None)
         captions = sorted({item.caption for item in self.dataset.items})
         if self.class_dataset is not None:
             captions += sorted({item.caption for item in self.class_dataset.items} - set(captions))
@@ -638,7 +693,7 @@ class Trainer:
 
     def _remember(self, captions: list[str], embeds: torch.Tensor, pooled: torch.Tensor) -> None:
         for caption, e, p in zip(captions, embeds.detach(), pooled.detach()):
-            self.text_cache[caption] = (e, p)
+            self.text_cache.put(caption, e, p)
 
     def _move_text_encoders(self, device: torch.device) -> None:
         for encoder in self.text_encoders:
@@ -739,6 +794,12 @@ class Trainer:
             "num_images": len(self.dataset),
             "total_steps": self.plan.total_steps,
             "pivot_step": self.plan.pivot_step,
+            "samples_per_epoch": self.plan.samples_per_epoch,
+            "steps_per_epoch": self.plan.steps_per_epoch,
+            "epochs": self.plan.total_steps / self.plan.steps_per_epoch,
+            "concepts": self.plan.concepts(self.settings.repeats),
+            "class_images": (class_image_counts(self.plan.class_items, Path(self.settings.class_data_dir))
+                             if self.settings.class_data_dir is not None else None),
             "num_processes": self.accelerator.num_processes,
             "special_params": special_params(self.plan.triggers),
         }
@@ -859,14 +920,16 @@ class SampleKey:
 
 
 @lru_cache(maxsize=64)
-def _epoch_batches(seed: int, epoch: int, sizes: tuple[tuple[int, int], ...],
-                   batch_size: int) -> tuple[tuple[int, ...], ...]:
+def _epoch_batches(seed: int, epoch: int, sizes: tuple[tuple[int, int], ...], batch_size: int,
+                   repeats: tuple[int, ...] | None = None) -> tuple[tuple[int, ...], ...]:
     """One epoch as batches of ``batch_size`` items of one size each (a bucket's last batch wraps around within the
-    bucket), in an order shuffled by (seed, epoch)."""
+    bucket), in an order shuffled by (seed, epoch); item ``i`` appears ``repeats[i]`` times (default once)."""
     generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    repeats = repeats or (1,) * len(sizes)
     batches = []
     for size in sorted(set(sizes)):
-        members = [index for index, item_size in enumerate(sizes) if item_size == size]
+        members = [index for index, item_size in enumerate(sizes) if item_size == size
+                   for _ in range(repeats[index])]
         order = [members[i] for i in torch.randperm(len(members), generator=generator).tolist()]
         count = math.ceil(len(order) / batch_size)
         wrapped = (order * math.ceil(count * batch_size / len(order)))[: count * batch_size]
