@@ -76,8 +76,10 @@ def train(
     clipseg_temperature: float = Input(description="How blurry the CLIPSeg mask is (0.5 to 1.0 recommended)",
                                        default=1.0, ge=0.01),
     verbose: bool = Input(description="verbose output (progress bars)", default=True),
-    checkpointing_steps: int = Input(description="Steps between resumable checkpoints and validation samples "
-                                     "(a very high number disables them)", default=999999, ge=1),
+    checkpointing_steps: int = Input(description="Steps between resumable checkpoints and validation samples; a "
+                                     "LoRA run also keeps each such step's weights in the tar (steps/<step>/) for "
+                                     "the predictor's replicate_weights=<tar>#step=<step> (a very high number "
+                                     "disables them)", default=999999, ge=1),
     input_images_filetype: str = Input(description="Filetype of input_images: zip, tar, or infer (the content "
                                        "decides)", default="infer", choices=["zip", "tar", "infer"]),
     # ---- options beyond replicate/cog-sdxl

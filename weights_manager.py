@@ -29,7 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from pti.formats import lora_formats
+from pti.formats import lora_formats, steps
 from pti.formats.lora_formats import LoraFormatError, PeftLora
 from pti.inference.weights_cache import (
     COG_SDXL_EMBEDDINGS,
@@ -48,6 +48,8 @@ from pti.inference.weights_cache import (
 )
 
 logger = logging.getLogger(__name__)
+
+TRAINING_CONFIG = "training_config.json"
 
 # ---------------------------------------------------------------------------------------------- reading
 
@@ -127,6 +129,32 @@ def _read_embeddings(folder: Path, label: str) -> dict[str, Tensor]:
         tensors, _ = _read_safetensors(folder / COG_SDXL_EMBEDDINGS, label)
         return lora_formats.cog_sdxl_embeddings(tensors)
     return {}
+
+
+class StepNotSaved(WeightsError):
+    """``#step=<n>`` names a step the tar does not hold."""
+
+
+def step_weights_folder(folder: Path, step: int, label: str) -> Path:
+    """The folder of step ``step`` in an extracted tar: ``steps/<step>/``, or the top level for the run's last step
+    (the final weights are not repeated under ``steps/``)."""
+    if (steps.step_folder(folder, step) / SPECIAL_PARAMS).is_file():
+        return steps.step_folder(folder, step)
+    final = _final_step(folder)
+    if step == final:
+        return folder
+    available = [*steps.saved_steps(folder), *([final] if final else [])]
+    listed = ", ".join(str(s) for s in available) if available else "none (trained without checkpointing_steps)"
+    raise StepNotSaved(f"{label}: step {step} was not saved; saved steps: {listed}")
+
+
+def _final_step(folder: Path) -> int | None:
+    try:
+        config = json.loads((folder / TRAINING_CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    total = config.get("total_steps") if isinstance(config, dict) else None
+    return total if isinstance(total, int) else None
 
 
 # ---------------------------------------------------------------------------------------------- live pipeline
@@ -433,24 +461,32 @@ class WeightsManager:
         self._lock = threading.Lock()
 
     def use(self, source: str | None, lora_scale: float) -> ActiveWeights | None:
-        """Make ``source`` (URL, data: URI, tar or folder path; None for the base model) the active weights."""
+        """Make ``source`` (URL, data: URI, tar or folder path, optionally ending in ``#step=<n>`` for a saved
+        intermediate step; None for the base model) the active weights."""
         with self._lock:
             self.active = None
             self.cache.pinned.clear()
             if not source:
                 self.live.deactivate()
                 return None
-            label = redact(source)
+            try:
+                source, step = steps.split_step(source)
+            except steps.StepSelectionError as error:
+                raise WeightsError(f"{redact(source.rsplit('#step=', 1)[0])}: {error}") from None
+            label = redact(source) + ("" if step is None else f"#step={step}")
             key = self._key(source)
+            live_key = key if step is None else f"{key}s{step}"  # one download, one adapter per step
             started = time.perf_counter()
             self.cache.pinned.add(key)
             try:
-                weights = self.live.activate(key, lambda: self._read(source, label), lora_scale, label)
+                weights = self.live.activate(live_key, lambda: self._read(source, label, step), lora_scale, label)
+            except StepNotSaved:
+                raise  # the tar is fine: keep it for the steps it has
             except WeightsError:
                 self.cache.discard(key)  # weights that cannot be used would only fail again: free their room
                 raise
             logger.info("weights %s active after %.3fs", label, time.perf_counter() - started)
-            self.active = ActiveWeights(key, label, dict(weights.special_params), weights.unet_full is None)
+            self.active = ActiveWeights(live_key, label, dict(weights.special_params), weights.unet_full is None)
             return self.active
 
     def _key(self, source: str) -> str:
@@ -462,8 +498,9 @@ class WeightsManager:
                 return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
         return cache_key(source)
 
-    def _read(self, source: str, label: str) -> TrainedWeights:
-        return read_trained_weights(self.cache.ensure(source), label)
+    def _read(self, source: str, label: str, step: int | None = None) -> TrainedWeights:
+        folder = self.cache.ensure(source)
+        return read_trained_weights(folder if step is None else step_weights_folder(folder, step, label), label)
 
     def expand_prompt(self, prompt: str) -> str:
         """The prompt with the active weights' trigger words replaced by their tokens (warns once per weights when

@@ -104,7 +104,8 @@ def test_artifact_folder_holds_weights_samples_logs_and_loss_curve(main_run):
     out = result.output_dir
     for name in ("pytorch_lora_weights.safetensors", "embeddings.safetensors", "trained_model.safetensors",
                  "special_params.json", "training_config.json", "README.md", "loss.png",
-                 "samples/final-0.png", "samples/step-000003-0.png", "samples/step-000006-0.png"):
+                 "samples/final-0.png", "steps/000003/samples/step-000003-0.png",
+                 "steps/000006/samples/step-000006-0.png", "steps/contact_sheet.png"):
         assert (out / name).is_file(), name
     assert list((out / "logs").glob("events.out.tfevents.*"))
     assert json.loads((out / "special_params.json").read_text()) == {"TOK": "<s0><s1>"}

@@ -1,0 +1,126 @@
+"""Intermediate weights (issue 15, point 2): train() with checkpointing_steps puts every saved step's weights and
+samples in the tar, with a contact sheet of all steps; the predictor loads the step ``#step=<n>`` names."""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from exactness import assert_images_close, images_differ
+from training_fixtures import write_plain_folder
+from weights_fixtures import one_torch_thread  # noqa: F401  (autouse fixture)
+
+STEPS = (2, 4, 6)  # checkpointing_steps=2 of max_train_steps=8: the final step 8 is the tar's top level
+WEIGHT_FILES = {"pytorch_lora_weights.safetensors", "embeddings.safetensors", "trained_model.safetensors",
+                "special_params.json", "training_config.json"}
+FAST = dict(width=64, height=64, num_inference_steps=2, seed=3, output_format="png", prompt="a photo of TOK",
+            guidance_scale=5.0, lora_scale=1.0)
+
+
+@pytest.fixture(scope="module")
+def trained_tar(tmp_path_factory) -> Path:
+    import train
+
+    work = tmp_path_factory.mktemp("steps")
+    photos = write_plain_folder(work / "photos", 3, size=64)
+    archive = work / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for photo in photos.iterdir():
+            handle.write(photo, photo.name)
+    output = train.train(input_images=archive, seed=5, resolution=64, train_batch_size=1, max_train_steps=8,
+                         checkpointing_steps=2, lora_rank=4, lora_lr=3e-2, ti_lr=3e-2, lr_warmup_steps=0,
+                         captioning_model="", crop_based_on_salience=False, verbose=False,
+                         validation_prompts="a photo of TOK|TOK on a table", validation_num_inference_steps=1)
+    return Path(output.weights)
+
+
+@pytest.fixture(scope="module")
+def unpacked(trained_tar, tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("unpacked")
+    with tarfile.open(trained_tar) as tar:
+        tar.extractall(folder, filter="data")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory):
+    from predict import Predictor
+
+    previous = os.environ.get("WEIGHTS_CACHE_DIR")
+    os.environ["WEIGHTS_CACHE_DIR"] = str(tmp_path_factory.mktemp("weights-cache"))
+    predictor = Predictor()
+    predictor.setup()
+    yield predictor
+    if previous is None:
+        os.environ.pop("WEIGHTS_CACHE_DIR")
+    else:
+        os.environ["WEIGHTS_CACHE_DIR"] = previous
+
+
+def image(predictor, weights: str) -> np.ndarray:
+    defaults = {name: p.default.default for name, p in inspect.signature(type(predictor).predict).parameters.items()
+                if name != "self"}
+    (path,) = predictor.predict(**{**defaults, **FAST, "replicate_weights": weights})
+    return np.array(Image.open(path))
+
+
+def test_every_saved_step_has_the_final_formats_and_its_samples(unpacked):
+    top_level = {p.name for p in unpacked.iterdir() if p.is_file()}
+    assert WEIGHT_FILES <= top_level
+    assert sorted(p.name for p in (unpacked / "steps").iterdir() if p.is_dir()) == [f"{s:06d}" for s in STEPS]
+    for step in STEPS:
+        folder = unpacked / "steps" / f"{step:06d}"
+        assert {p.name for p in folder.iterdir() if p.is_file()} == WEIGHT_FILES
+        assert sorted(p.name for p in (folder / "samples").iterdir()) == [f"step-{step:06d}-0.png",
+                                                                            f"step-{step:06d}-1.png"]
+        assert json.loads((folder / "training_config.json").read_text())["step"] == step
+    config = json.loads((unpacked / "training_config.json").read_text())
+    assert config["saved_steps"] == list(STEPS) and config["total_steps"] == 8
+
+
+def test_contact_sheet_has_a_row_per_step_and_a_column_per_prompt(unpacked):
+    from pti.formats.steps import HEADER, LABEL_WIDTH, THUMB
+
+    with Image.open(unpacked / "steps" / "contact_sheet.png") as opened:
+        sheet = np.array(opened.convert("RGB"))
+    rows, columns, header, cell = len(STEPS) + 1, 2, HEADER, THUMB + 4  # saved steps + final; two validation prompts
+    assert sheet.shape[:2] == (header + rows * cell, LABEL_WIDTH + columns * cell)
+    for row in range(rows):
+        for column in range(columns):
+            top, left = header + row * cell, LABEL_WIDTH + column * cell
+            sample = sheet[top:top + 64, left:left + 64]
+            assert (sample != 255).any(), f"cell ({row}, {column}) holds no sample"
+
+
+def test_predictor_loads_the_step_the_suffix_names(predictor, trained_tar, unpacked):
+    by_step = {step: image(predictor, f"{trained_tar}#step={step}") for step in STEPS}
+    final = image(predictor, str(trained_tar))
+    for a, b in [(2, 4), (4, 6), (2, 6)]:
+        assert images_differ(by_step[a], by_step[b]), f"steps {a} and {b} give the same image"
+    assert all(images_differ(by_step[s], final) for s in STEPS)
+    # The step chosen is that step: the same image as its extracted folder loaded on its own.
+    assert_images_close(by_step[4], image(predictor, str(unpacked / "steps" / "000004")), "step 4 by suffix")
+    # The last step is the tar's top level.
+    assert_images_close(image(predictor, f"{trained_tar}#step=8"), final, "final step by suffix")
+
+
+@pytest.mark.parametrize("suffix, message", [
+    ("#step=5", "step 5 was not saved; saved steps: 2, 4, 6, 8"),
+    ("#step=best", "'#step=best' must name a saved step"),
+])
+def test_a_step_not_in_the_tar_is_a_one_line_error_and_the_tar_stays_usable(predictor, trained_tar, suffix,
+                                                                             message):
+    from pti.inference.weights_cache import WeightsError
+
+    with pytest.raises(WeightsError) as error:
+        image(predictor, f"{trained_tar}{suffix}")
+    assert message in str(error.value) and "\n" not in str(error.value)
+    image(predictor, f"{trained_tar}#step=2")
