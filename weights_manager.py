@@ -29,11 +29,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from pti.formats import lora_formats, steps
+from pti.formats import lora_formats, sgm_checkpoint, steps
 from pti.formats.lora_formats import LoraFormatError, PeftLora
 from pti.inference.weights_cache import (
     COG_SDXL_EMBEDDINGS,
     COG_SDXL_LORA,
+    FULL_CHECKPOINT,
     FULL_UNET,
     OUR_EMBEDDINGS,
     OUR_LORA,
@@ -113,9 +114,24 @@ def _read_unet_weights(folder: Path, label: str) -> tuple[PeftLora | None, dict[
     if (folder / COG_SDXL_LORA).is_file():
         tensors, _ = _read_safetensors(folder / COG_SDXL_LORA, label)
         return lora_formats.cog_sdxl_lora_to_peft(tensors), None
+    if (folder / FULL_CHECKPOINT).is_file():
+        return None, _read_checkpoint_unet(folder / FULL_CHECKPOINT, label)
     if (folder / FULL_UNET).is_file():
         return None, _read_safetensors(folder / FULL_UNET, label)[0]
     raise WeightsError(f"{label}: folder holds none of {', '.join(UNET_WEIGHT_FILES)}")
+
+
+def _read_checkpoint_unet(path: Path, label: str) -> dict[str, Tensor]:
+    """The UNet of a single-file SGM checkpoint in diffusers names; only its tensors are read (the VAE and text
+    encoders in the file are the base model's)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(sgm_checkpoint.UNET_PREFIX)}
+        return sgm_checkpoint.sgm_unet_state(tensors)
+    except (SafetensorError, OSError) as error:
+        raise WeightsError(f"{label}: {path.name} is not a readable safetensors file ({error})") from None
+    except sgm_checkpoint.SgmFormatError as error:
+        raise WeightsError(f"{label}: {path.name}: {error}") from None
 
 
 def _read_embeddings(folder: Path, label: str) -> dict[str, Tensor]:
@@ -277,10 +293,10 @@ class FullUnetPatch:
         params = self._params()
         for key, value in state.items():
             if key not in params:
-                raise WeightsError(f"{label}: {FULL_UNET} has {key!r}, which this base model's UNet lacks")
+                raise WeightsError(f"{label}: the full fine-tune has {key!r}, which this base model's UNet lacks")
             if tuple(value.shape) != tuple(params[key].shape):
-                raise WeightsError(f"{label}: {FULL_UNET} {key} has shape {list(value.shape)} but this base model's "
-                                   f"is {list(params[key].shape)} (weights trained for another base model?)")
+                raise WeightsError(f"{label}: the full fine-tune's {key} has shape {list(value.shape)} but this base "
+                                   f"model's is {list(params[key].shape)} (weights trained for another base model?)")
 
     def apply(self, state: dict[str, Tensor]) -> None:
         params = self._params()

@@ -235,18 +235,25 @@ def test_dora_export_round_trip(pipe, exported, embeddings, tmp_path):
     assert_back_to_base(pipe, exported)
 
 
-def test_full_fine_tune_writes_unet_safetensors(pipe, embeddings, tmp_path):
+def test_full_fine_tune_writes_a_single_file_sgm_checkpoint(pipe, embeddings, tmp_path):
+    from pti.formats.sgm_checkpoint import SdxlShape, sgm_state
+
     unet_state = {k: v for k, v in pipe.unet.state_dict().items() if "lora" not in k}
+    state = sgm_state(unet=unet_state, vae=pipe.vae.state_dict(), text_encoder=pipe.text_encoder.state_dict(),
+                      text_encoder_2=pipe.text_encoder_2.state_dict(),
+                      shape=SdxlShape.from_configs(pipe.unet.config, pipe.vae.config),
+                      vocab_rows=(len(pipe.tokenizer), len(pipe.tokenizer_2)))
     export.write_weight_files(tmp_path, unet_lora_state=None, lora_alpha=None, embeddings=embeddings,
-                              special_params=SPECIAL, training_config=CONFIG, unet_full_state=unet_state,
+                              special_params=SPECIAL, training_config=CONFIG, full_checkpoint_state=state,
                               unet_layout=lora_formats.SDXL_UNET_LAYOUT)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "embeddings.safetensors", "special_params.json", "training_config.json", "unet.safetensors"]
-    written = load_file(tmp_path / "unet.safetensors")
-    assert all(torch.equal(written[k], v) for k, v in unet_state.items())
+        "embeddings.safetensors", "sdxl_checkpoint.safetensors", "special_params.json", "training_config.json"]
+    with safe_open(tmp_path / "sdxl_checkpoint.safetensors", "pt") as handle:
+        assert handle.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+        assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"F16"}
     card = export.write_model_card(tmp_path, special_params=SPECIAL, base_model="b", name="full",
                                    sample_images=[], training_config=CONFIG).read_text()
-    assert "unet.safetensors" in card and "load_lora_weights" not in card
+    assert "from_single_file" in card and "sdxl_checkpoint.safetensors" in card and "load_lora_weights" not in card
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -257,7 +264,7 @@ def test_full_fine_tune_writes_unet_safetensors(pipe, embeddings, tmp_path):
     ({"name": "../evil"}, "not usable as a file name"),
     ({"name": "embeddings"}, "clash"),
     ({"lora_alpha": None}, "lora_alpha is required"),
-    ({"unet_full_state": {"w": torch.zeros(1)}}, "exactly one of"),
+    ({"full_checkpoint_state": {"w": torch.zeros(1)}}, "exactly one of"),
 ])
 def test_bad_export_input_fails_before_writing(exported, tmp_path, change, message):
     kwargs = dict(unet_lora_state=exported["state"], lora_alpha=8,

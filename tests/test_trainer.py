@@ -195,7 +195,7 @@ def test_full_finetune_with_buckets_prior_preservation_and_every_option(tmp_path
     result = trainer.export()
     changed = [k for k, v in trainer.unet.named_parameters() if not torch.equal(v, before[k])]
     assert len(changed) > len(before) // 2
-    assert (result.output_dir / "unet.safetensors").is_file()
+    assert (result.output_dir / "sdxl_checkpoint.safetensors").is_file()
     assert not (result.output_dir / "pytorch_lora_weights.safetensors").exists()
     assert result.special_params == {"TOK": "<s0>"}
     assert all(math.isfinite(x) for x in result.loss_history)

@@ -23,19 +23,19 @@ import safetensors.torch
 from torch import Tensor
 from tqdm import tqdm
 
-from pti.formats import lora_formats
+from pti.formats import lora_formats, sgm_checkpoint
 from pti.formats.lora_formats import UNetLayout
+from pti.formats.sgm_checkpoint import FULL_CHECKPOINT_FILE
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDINGS_FILE = "embeddings.safetensors"
 SPECIAL_PARAMS_FILE = "special_params.json"
 TRAINING_CONFIG_FILE = "training_config.json"
-FULL_UNET_FILE = "unet.safetensors"
 MODEL_CARD_FILE = "README.md"
 EMBEDDING_NAMES = ("clip_l", "clip_g")
 SDXL_BASE_VERSION = "sdxl_base_v1-0"
 MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
-RESERVED_NAMES = {Path(f).stem for f in (DIFFUSERS_LORA_FILE, EMBEDDINGS_FILE, FULL_UNET_FILE)}
+RESERVED_NAMES = {Path(f).stem for f in (DIFFUSERS_LORA_FILE, EMBEDDINGS_FILE, FULL_CHECKPOINT_FILE)}
 LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors")
 
 
@@ -186,22 +186,24 @@ def kohya_state(lora: lora_formats.PeftLora, embeddings: dict[str, Tensor], spec
 def write_weight_files(out_dir: Path, *, unet_lora_state: dict[str, Tensor] | None, lora_alpha: float | None,
                        embeddings: dict[str, Tensor], special_params: dict[str, str], training_config: dict,
                        unet_layout: UNetLayout, name: str = "trained_model",
-                       unet_full_state: dict[str, Tensor] | None = None) -> None:
+                       full_checkpoint_state: dict[str, Tensor] | None = None) -> None:
     """Write the weight files of the artifact contract into ``out_dir`` (created if missing).
 
     LoRA run: ``pytorch_lora_weights.safetensors`` and ``<name>.safetensors``; full fine-tune
-    (``unet_full_state``): ``unet.safetensors``. Always ``embeddings.safetensors``, ``special_params.json`` and
+    (``full_checkpoint_state``, the tensors of :func:`sgm_checkpoint.sgm_state`): ``sdxl_checkpoint.safetensors``,
+    a single-file SDXL checkpoint in the SGM layout. Always ``embeddings.safetensors``, ``special_params.json`` and
     ``training_config.json`` (with library versions added). ``unet_layout`` is the trained UNet's block structure,
     ``UNetLayout.from_unet_config(unet.config)``, which names the kohya keys.
     """
-    if (unet_lora_state is None) == (unet_full_state is None):
-        raise ExportError("give exactly one of unet_lora_state (LoRA run) and unet_full_state (full fine-tune)")
+    if (unet_lora_state is None) == (full_checkpoint_state is None):
+        raise ExportError("give exactly one of unet_lora_state (LoRA run) and full_checkpoint_state (full fine-tune)")
     _check_name(name)
     _check_embeddings(embeddings, special_params)
     if unet_lora_state is not None:
         unet_files = _lora_files(unet_lora_state, lora_alpha, embeddings, special_params, name, unet_layout)
     else:
-        unet_files = {FULL_UNET_FILE: (unet_full_state, None)}
+        metadata = sgm_checkpoint.checkpoint_metadata(name, list(special_params))
+        unet_files = {FULL_CHECKPOINT_FILE: (full_checkpoint_state, metadata)}
     config = {**training_config, "library_versions": library_versions()}
     json.dumps(config, default=_json_value)  # refuse an unwritable config before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -244,7 +246,7 @@ def write_model_card(out_dir: Path, *, special_params: dict[str, str], base_mode
             raise ExportError(f"sample image {image} is not inside {out_dir}; the card links images in the artifact")
         links.append(image.relative_to(out_dir).as_posix())
     is_lora = (out_dir / DIFFUSERS_LORA_FILE).is_file()
-    if not is_lora and not (out_dir / FULL_UNET_FILE).is_file():
+    if not is_lora and not (out_dir / FULL_CHECKPOINT_FILE).is_file():
         raise ExportError(f"{out_dir} holds no UNet weights; call write_weight_files before write_model_card")
     card = ModelCard(special_params, base_model, name, links, training_config, is_lora)
     path = out_dir / MODEL_CARD_FILE
@@ -297,7 +299,9 @@ tokens; in ComfyUI see below.
 {rows}"""
 
     def _files(self) -> str:
-        rows = [f"| `{DIFFUSERS_LORA_FILE if self.is_lora else FULL_UNET_FILE}` | UNet weights for diffusers |",
+        rows = [f"| `{DIFFUSERS_LORA_FILE}` | UNet weights for diffusers |" if self.is_lora else
+                f"| `{FULL_CHECKPOINT_FILE}` | the whole SDXL model, single-file SGM layout, fp16 (A1111/Forge, "
+                "ComfyUI, diffusers `from_single_file`) |",
                 f"| `{EMBEDDINGS_FILE}` | new-token embeddings: `clip_l` (first text encoder), `clip_g` (second), "
                 f"one row per token `{''.join(self._tokens)}` |"]
         if self.is_lora:
@@ -308,8 +312,13 @@ tokens; in ComfyUI see below.
         return "## Files\n\n| file | what |\n| --- | --- |\n" + "\n".join(rows)
 
     def _diffusers(self) -> str:
-        load_unet = (f'pipe.load_lora_weights(folder, weight_name="{DIFFUSERS_LORA_FILE}")' if self.is_lora
-                     else f'pipe.unet.load_state_dict(load_file(f"{{folder}}/{FULL_UNET_FILE}"))')
+        if self.is_lora:
+            make_pipe = (f'pipe = StableDiffusionXLPipeline.from_pretrained("{self.base_model}", '
+                         f'torch_dtype=dtype).to(device)\n'
+                         f'pipe.load_lora_weights(folder, weight_name="{DIFFUSERS_LORA_FILE}")')
+        else:
+            make_pipe = (f'pipe = StableDiffusionXLPipeline.from_single_file(f"{{folder}}/{FULL_CHECKPOINT_FILE}", '
+                         f'config="{self.base_model}", torch_dtype=dtype).to(device)')
         unload_unet = " `pipe.unload_lora_weights()` for the LoRA," if self.is_lora else ""
         trigger, tokens = self._first
         return f"""## diffusers
@@ -321,8 +330,7 @@ from safetensors.torch import load_file
 
 folder = "{self.name}"  # where the trained tar was extracted
 device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
-pipe = StableDiffusionXLPipeline.from_pretrained("{self.base_model}", torch_dtype=dtype).to(device)
-{load_unet}
+{make_pipe}
 embeddings = load_file(f"{{folder}}/{EMBEDDINGS_FILE}")
 tokens = {self._tokens!r}
 pipe.load_textual_inversion(embeddings["clip_l"], token=tokens,
@@ -340,7 +348,8 @@ same with `text_encoder_2`/`tokenizer_2`."""
 
     def _comfyui(self) -> str:
         lora = (f"Copy `{self.name}.safetensors` to `ComfyUI/models/loras/` and add a *Load LoRA* node after the "
-                "checkpoint loader. " if self.is_lora else "")
+                "checkpoint loader. " if self.is_lora else
+                f"Copy `{FULL_CHECKPOINT_FILE}` to `ComfyUI/models/checkpoints/` and pick it in *Load Checkpoint*. ")
         return f"""## ComfyUI
 
 {lora}Copy `{EMBEDDINGS_FILE}` to `ComfyUI/models/embeddings/{self.name}.safetensors` and write `embedding:{self.name}`
@@ -348,7 +357,9 @@ in the prompt where the trigger word goes; it inserts all tokens, `{''.join(self
 
     def _a1111(self) -> str:
         if not self.is_lora:
-            return "## AUTOMATIC1111 / Forge\n\nThis full fine-tune ships diffusers weights only."
+            return (f"## AUTOMATIC1111 / Forge\n\nCopy `{FULL_CHECKPOINT_FILE}` to `models/Stable-diffusion/` and "
+                    f"`{EMBEDDINGS_FILE}` to `embeddings/{self.name}.safetensors`; write `{self.name}` in the prompt "
+                    "where the trigger word goes.")
         trigger = self._first[0]
         return f"""## AUTOMATIC1111 / Forge
 

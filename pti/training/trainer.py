@@ -767,8 +767,19 @@ class Trainer:
             lora_alpha=s.alpha if s.is_lora else None,
             embeddings=self.embeddings.embeddings(), special_params=special_params(self.plan.triggers),
             training_config=config, name=s.name, unet_layout=UNetLayout.from_unet_config(self.unet.config),
-            unet_full_state=None if s.is_lora else _cpu_state(self.unet),
+            full_checkpoint_state=None if s.is_lora else self._full_checkpoint_state(),
         )
+
+    def _full_checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """A full fine-tune as one SGM-layout SDXL file: the trained UNet with the base VAE and text encoders (their
+        token tables cut back to the base vocabulary; the new tokens are in the embeddings file), in fp16."""
+        from pti.formats.sgm_checkpoint import SdxlShape, sgm_state
+
+        pipe = self.pipe
+        return sgm_state(unet=self.unet.state_dict(), vae=pipe.vae.state_dict(),
+                         text_encoder=pipe.text_encoder.state_dict(), text_encoder_2=pipe.text_encoder_2.state_dict(),
+                         shape=SdxlShape.from_configs(self.unet.config, pipe.vae.config),
+                         vocab_rows=tuple(int(ids.min()) for ids in self.embeddings.token_ids))
 
     def _write_steps_contact_sheet(self) -> None:
         """``steps/contact_sheet.png``: a row of samples per saved step and one for the final weights."""
@@ -810,10 +821,6 @@ def _training_noise_scheduler(scheduler):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(scheduler.config)
-
-
-def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
 def _from_main_process(seed: int, run_id: str) -> tuple[int, str]:
