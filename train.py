@@ -26,7 +26,8 @@ from pti.training import failures
 import preprocess
 from pti.preprocessing.captioning import DEFAULT_CAPTIONER
 from dataset_and_utils import parse_token_string
-from pti.models.base_model import pick_runtime, release_cached_memory
+from pti.models import single_file
+from pti.models.base_model import checked_base_file, model_spec, pick_runtime, release_cached_memory
 from pti.training.optim import OPTIMIZERS, SCHEDULERS
 from pti.training.process_sync import SharedStep
 from pti.preprocessing.safe_archive import safe_extract
@@ -128,6 +129,10 @@ def train(
                                                 default=25, ge=1),
     resume_from: Optional[str] = Input(description="Resume an interrupted run (same inputs): a local checkpoint "
                                        "folder, or the checkpoints folder the interrupted run logged", default=None),
+    base_model: Optional[str] = Input(description="Base model to train on: a Hugging Face repo id, a diffusers "
+                                      "folder, or an SDXL single-file checkpoint (.safetensors in the SGM/A1111 "
+                                      "layout, e.g. from civitai) as a local path or https URL; empty: SDXL base "
+                                      "(env SDXL_MODEL)", default=None),
 ) -> TrainingOutput:
     args = {name: _plain(value) for name, value in locals().items()}
     state = PartialState(cpu=pick_runtime().device.type == "cpu")  # the process group, under torchrun
@@ -136,6 +141,7 @@ def train(
         with failures.stage("checking the settings"):
             settings = _training_settings(args, work)
             settings.validate()  # cheap checks before the (slow) preprocessing
+            _check_base_model(settings.base_model)
             check_runtime(settings)  # e.g. adamw8bit without CUDA or bitsandbytes
         with failures.stage("preprocessing"):
             _preprocess_once(args, settings, state, work)
@@ -201,6 +207,7 @@ def _training_settings(args: dict, work: PlainPath) -> TrainingSettings:
         output_dir=work / "trained_model",
         checkpoint_dir=_checkpoint_dir(work),
         resume_from=PlainPath(args["resume_from"]) if args["resume_from"] else None,
+        base_model=args["base_model"] or None,
         seed=seed,
         resolution=args["resolution"],
         train_batch_size=args["train_batch_size"],
@@ -242,6 +249,13 @@ def _training_settings(args: dict, work: PlainPath) -> TrainingSettings:
         validation_num_inference_steps=args["validation_num_inference_steps"],
         show_progress=args["verbose"],
     )
+
+
+def _check_base_model(spec: str | None) -> None:
+    """A single-file base model is fetched (https: once, into the cache) and checked to be an SDXL checkpoint
+    before any preprocessing or training."""
+    if single_file.is_single_file(model_spec(spec)):
+        checked_base_file(spec)
 
 
 def _checkpoint_dir(work: PlainPath) -> PlainPath:

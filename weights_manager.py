@@ -18,6 +18,7 @@ import logging
 import re
 import threading
 import time
+import urllib.parse
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -31,6 +32,8 @@ from torch import Tensor
 
 from pti.formats import lora_formats, sgm_checkpoint, steps
 from pti.formats.lora_formats import LoraFormatError, PeftLora
+from pti.models import single_file
+from pti.models.base_model import model_spec
 from pti.inference.weights_cache import (
     COG_SDXL_EMBEDDINGS,
     COG_SDXL_LORA,
@@ -147,6 +150,35 @@ def _read_embeddings(folder: Path, label: str) -> dict[str, Tensor]:
     return {}
 
 
+def served_base_name(spec: str | None = None) -> str:
+    """The name of the base model this process serves (env ``SDXL_MODEL``), as training records it: a single file's
+    file name, else the setting itself."""
+    spec = model_spec(spec)
+    if not single_file.is_single_file(spec):
+        return spec
+    return Path(urllib.parse.urlsplit(spec).path if single_file.is_url(spec) else spec).name
+
+
+def log_base_mismatch(folder: Path, label: str, served: str) -> None:
+    """Say in the log when trained weights were trained on another base model than the one served. The served base
+    stays: loading a multi-gigabyte base per request would stall every other request (see README)."""
+    trained = _training_config(folder).get("base_model_source")
+    if not isinstance(trained, dict) or not trained.get("name") or trained["name"] == served:
+        return
+    sha = f", sha256 {trained['sha256'][:12]}…" if trained.get("sha256") else ""
+    where = f" from {trained['url']}" if trained.get("url") else ""
+    logger.warning("weights %s were trained on base model %s%s%s, but this predictor serves %s: images may differ "
+                   "from the training samples", label, trained["name"], where, sha, served)
+
+
+def _training_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / TRAINING_CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 class StepNotSaved(WeightsError):
     """``#step=<n>`` names a step the tar does not hold."""
 
@@ -165,11 +197,7 @@ def step_weights_folder(folder: Path, step: int, label: str) -> Path:
 
 
 def _final_step(folder: Path) -> int | None:
-    try:
-        config = json.loads((folder / TRAINING_CONFIG).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    total = config.get("total_steps") if isinstance(config, dict) else None
+    total = _training_config(folder).get("total_steps")
     return total if isinstance(total, int) else None
 
 
@@ -516,6 +544,7 @@ class WeightsManager:
 
     def _read(self, source: str, label: str, step: int | None = None) -> TrainedWeights:
         folder = self.cache.ensure(source)
+        log_base_mismatch(folder, label, served_base_name())
         return read_trained_weights(folder if step is None else step_weights_folder(folder, step, label), label)
 
     def expand_prompt(self, prompt: str) -> str:

@@ -180,6 +180,18 @@ def kohya_state(lora: lora_formats.PeftLora, embeddings: dict[str, Tensor], spec
             **lora_formats.split_embeddings_by_trigger(embeddings, special_params)}
 
 
+def base_model_metadata(training_config: dict) -> dict[str, str]:
+    """kohya's base-model fields from ``training_config["base_model_source"]`` (name, url, sha256): the model name
+    A1111 shows and the SHA-256 of a single-file base (``ss_new_sd_model_hash``, as kohya writes it)."""
+    source = training_config.get("base_model_source") or {}
+    meta = {}
+    if source.get("name"):
+        meta["ss_sd_model_name"] = str(source["name"])
+    if source.get("sha256"):
+        meta["ss_new_sd_model_hash"] = str(source["sha256"])
+    return meta
+
+
 # ---------------------------------------------------------------- public API
 
 
@@ -201,6 +213,8 @@ def write_weight_files(out_dir: Path, *, unet_lora_state: dict[str, Tensor] | No
     _check_embeddings(embeddings, special_params)
     if unet_lora_state is not None:
         unet_files = _lora_files(unet_lora_state, lora_alpha, embeddings, special_params, name, unet_layout)
+        kohya_tensors, kohya_meta = unet_files[f"{name}.safetensors"]
+        unet_files[f"{name}.safetensors"] = (kohya_tensors, {**kohya_meta, **base_model_metadata(training_config)})
     else:
         metadata = sgm_checkpoint.checkpoint_metadata(name, list(special_params))
         unet_files = {FULL_CHECKPOINT_FILE: (full_checkpoint_state, metadata)}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import random
 import uuid
@@ -24,6 +25,7 @@ import numpy as np
 import torch
 
 from pti.models import base_model
+from pti.models.single_file import BaseModelSource
 from pti.training.checkpoints import (
     Checkpoint,
     CheckpointError,
@@ -725,14 +727,29 @@ class Trainer:
     def training_config(self) -> dict:
         """Every setting and what it implied; export adds the library versions."""
         return {
-            "settings": self.settings.as_config(),
-            "base_model": base_model.model_spec(self.settings.base_model),
+            "settings": self._settings_config(),
+            "base_model": self.base_source.url or self.base_source.name,
+            "base_model_source": self.base_source.as_config(),
             "num_images": len(self.dataset),
             "total_steps": self.plan.total_steps,
             "pivot_step": self.plan.pivot_step,
             "num_processes": self.accelerator.num_processes,
             "special_params": special_params(self.plan.triggers),
         }
+
+    @functools.cached_property
+    def base_source(self) -> BaseModelSource:
+        """Name, URL and SHA-256 of the base model (a single file is hashed once per run)."""
+        return base_model.base_model_source(self.settings.base_model)
+
+    def _settings_config(self) -> dict:
+        """The settings as recorded, with a base-model URL's query string (a signed URL's token) left out."""
+        config = self.settings.as_config()
+        if config["base_model"] is not None:
+            config["base_model"] = self.base_source.url or config["base_model"]
+        if isinstance(config["inputs"], dict) and config["inputs"].get("base_model"):
+            config["inputs"] = {**config["inputs"], "base_model": config["base_model"]}
+        return config
 
     def export(self) -> TrainingResult:
         """Final samples, loss curve, the steps' contact sheet and the weight files/model card (main process
