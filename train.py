@@ -29,6 +29,7 @@ from dataset_and_utils import parse_token_string
 from pti.models import single_file
 from pti.models.base_model import checked_base_file, model_spec, pick_runtime, release_cached_memory
 from pti.training.optim import OPTIMIZERS, SCHEDULERS
+from pti.formats.export import SAVE_PRECISIONS
 from pti.training.process_sync import SharedStep
 from pti.preprocessing.safe_archive import safe_extract
 from pti.training.trainer import DEFAULT_LORA_TARGETS, TrainingSettings, check_runtime, train_model
@@ -94,7 +95,10 @@ def train(
     lora_dropout: float = Input(description="Dropout inside the LoRA layers", default=0.0, ge=0.0, le=1.0),
     lora_target_modules: str = Input(description="Comma-separated UNet module names the LoRA adapts",
                                      default=",".join(DEFAULT_LORA_TARGETS)),
-    use_dora: bool = Input(description="Weight-decomposed LoRA (DoRA)", default=False),
+    use_dora: bool = Input(description="Weight-decomposed LoRA (DoRA); its weights are written for diffusers only "
+                           "(no other tool applies PEFT's DoRA as trained)", default=False),
+    save_precision: str = Input(description="Precision of the weight files (fp16: half the size of fp32)",
+                                default="fp16", choices=list(SAVE_PRECISIONS)),
     optimizer: str = Input(description="adamw; prodigy (learning rates are found automatically); adamw8bit (CUDA "
                            "with bitsandbytes)", default="adamw", choices=list(OPTIMIZERS)),
     gradient_accumulation_steps: int = Input(description="Micro-batches per optimizer step", default=1, ge=1),
@@ -229,6 +233,7 @@ def _training_settings(args: dict, work: PlainPath) -> TrainingSettings:
         lora_dropout=args["lora_dropout"],
         lora_target_modules=tuple(m.strip() for m in args["lora_target_modules"].split(",") if m.strip()),
         use_dora=args["use_dora"],
+        save_precision=args["save_precision"],
         gradient_checkpointing=args["gradient_checkpointing"],
         optimizer=args["optimizer"],
         lr_scheduler=args["lr_scheduler"],

@@ -1,7 +1,8 @@
 """Trained weights, hot: read trained-weights folders and switch them on a live SDXL pipeline.
 
 * :func:`read_trained_weights` reads a folder in this project's artifact layout or replicate/cog-sdxl's
-  (``lora.safetensors`` with attention-processor keys, ``embeddings.pti``) into one :class:`TrainedWeights`.
+  (``lora.safetensors`` with attention-processor keys, ``embeddings.pti``), or a bare kohya/diffusers LoRA file
+  (embeddings and trigger words from its ``bundle_emb`` keys, if any), into one :class:`TrainedWeights`.
 * :class:`LiveWeights` keeps a bounded set of PEFT adapters loaded in the UNet by name and swaps the new-token
   embeddings with them. Only one adapter is active at a time; without weights the pipeline is the clean base
   (adapters disabled, tokenizers without the new tokens), so it produces exactly what a fresh process does. A
@@ -31,10 +32,11 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from pti.formats import lora_formats, sgm_checkpoint, steps
-from pti.formats.lora_formats import LoraFormatError, PeftLora
+from pti.formats.lora_formats import SDXL_UNET_LAYOUT, LoraFormatError, PeftLora, UNetLayout
 from pti.models import single_file
 from pti.models.base_model import model_spec
 from pti.inference.weights_cache import (
+    BARE_LORA,
     COG_SDXL_EMBEDDINGS,
     COG_SDXL_LORA,
     FULL_CHECKPOINT,
@@ -96,9 +98,13 @@ def read_special_params(folder: Path, label: str) -> dict[str, str]:
     return params
 
 
-def read_trained_weights(folder: Path, label: str | None = None) -> TrainedWeights:
-    """Read a trained-weights folder in this project's layout or replicate/cog-sdxl's."""
+def read_trained_weights(folder: Path, label: str | None = None,
+                         layout: UNetLayout = SDXL_UNET_LAYOUT) -> TrainedWeights:
+    """Read a trained-weights folder in this project's layout or replicate/cog-sdxl's, or a cache entry holding a
+    bare LoRA file; ``layout`` (the live UNet's) names the modules of kohya keys."""
     label = label or str(folder)
+    if (folder / BARE_LORA).is_file():
+        return _read_bare_lora(folder / BARE_LORA, label, layout)
     try:
         lora, unet_full = _read_unet_weights(folder, label)
         embeddings = _read_embeddings(folder, label)
@@ -108,6 +114,15 @@ def read_trained_weights(folder: Path, label: str | None = None) -> TrainedWeigh
     if len(set(widths.values())) > 1:
         raise WeightsError(f"{label}: embeddings have different token counts {widths}")
     return TrainedWeights(lora, unet_full, embeddings, read_special_params(folder, label))
+
+
+def _read_bare_lora(path: Path, label: str, layout: UNetLayout) -> TrainedWeights:
+    tensors, metadata = _read_safetensors(path, label)
+    try:
+        read = lora_formats.read_lora_file(tensors, metadata, layout)
+    except LoraFormatError as error:
+        raise WeightsError(f"{label}: {error}") from None
+    return TrainedWeights(read.lora, None, read.embeddings, read.special_params)
 
 
 def _read_unet_weights(folder: Path, label: str) -> tuple[PeftLora | None, dict[str, Tensor] | None]:
@@ -545,7 +560,9 @@ class WeightsManager:
     def _read(self, source: str, label: str, step: int | None = None) -> TrainedWeights:
         folder = self.cache.ensure(source)
         log_base_mismatch(folder, label, served_base_name())
-        return read_trained_weights(folder if step is None else step_weights_folder(folder, step, label), label)
+        layout = UNetLayout.from_unet_config(self.live.unet.config)
+        return read_trained_weights(folder if step is None else step_weights_folder(folder, step, label), label,
+                                    layout)
 
     def expand_prompt(self, prompt: str) -> str:
         """The prompt with the active weights' trigger words replaced by their tokens (warns once per weights when

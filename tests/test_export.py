@@ -95,7 +95,8 @@ def exported(pipe, embeddings, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "my_lora"
     layout = lora_formats.UNetLayout.from_unet_config(pipe.unet.config)
     export.write_weight_files(out, unet_lora_state=state, lora_alpha=8, embeddings=embeddings,
-                              special_params=SPECIAL, training_config=CONFIG, unet_layout=layout, name="my_lora")
+                              special_params=SPECIAL, training_config=CONFIG, unet_layout=layout, name="my_lora",
+                              save_precision="fp32")  # exact round trips; test_save_precision covers fp16/bf16
     (out / "samples").mkdir()
     Image.fromarray((trained * 255).astype(np.uint8)).save(out / "samples" / "0.png")
     export.write_model_card(out, special_params=SPECIAL, base_model="stabilityai/stable-diffusion-xl-base-1.0",
@@ -106,7 +107,8 @@ def exported(pipe, embeddings, tmp_path_factory):
 def test_all_contract_files_are_written(exported):
     out = exported["out"]
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
-        "README.md", "embeddings.safetensors", "my_lora.safetensors", "pytorch_lora_weights.safetensors",
+        "README.md", "embeddings.safetensors", "embeddings/STY.safetensors", "embeddings/TOK.safetensors",
+        "my_lora.safetensors", "my_lora_kohya.safetensors", "pytorch_lora_weights.safetensors",
         "samples/0.png", "special_params.json", "training_config.json"]
     assert json.loads((out / "special_params.json").read_text()) == SPECIAL
     config = json.loads((out / "training_config.json").read_text())
@@ -139,6 +141,62 @@ def test_kohya_file_holds_exactly_the_trained_tensors_and_bundled_embeddings(exp
     assert torch.equal(kohya["bundle_emb.TOK.clip_l"], embeddings["clip_l"][:2])
     assert torch.equal(kohya["bundle_emb.TOK.clip_g"], embeddings["clip_g"][:2])
     assert torch.equal(kohya["bundle_emb.STY.clip_g"], embeddings["clip_g"][2:])
+
+
+def test_plain_kohya_file_is_the_bundle_without_its_embeddings(exported):
+    bundle = load_file(exported["out"] / "my_lora.safetensors")
+    plain = load_file(exported["out"] / "my_lora_kohya.safetensors")
+    assert set(bundle) - set(plain) == {f"bundle_emb.{t}.{n}" for t in SPECIAL for n in ("clip_l", "clip_g")}
+    assert all(torch.equal(plain[k], bundle[k]) for k in plain)
+    with safe_open(exported["out"] / "my_lora_kohya.safetensors", "pt") as f:
+        assert f.metadata()["ss_output_name"] == "my_lora_kohya"
+
+
+def test_per_trigger_embedding_files_hold_that_triggers_rows_only(exported, embeddings):
+    for trigger, rows in (("TOK", slice(0, 2)), ("STY", slice(2, 3))):
+        tables = load_file(exported["out"] / "embeddings" / f"{trigger}.safetensors")
+        assert set(tables) == {"clip_l", "clip_g"}
+        assert all(torch.equal(tables[k], embeddings[k][rows]) for k in tables)
+
+
+def test_per_trigger_embedding_loads_alone_in_diffusers_and_matches_the_full_file(pipe, exported):
+    """STY's file alone, loaded as the token <s2>, renders as the full embeddings file does for a prompt with <s2>
+    only: one trigger can be used without the others."""
+    prompt = "a photo in <s2> style"
+
+    def render_with(tables: dict[str, torch.Tensor], tokens: list[str]) -> np.ndarray:
+        encoders = ((pipe.text_encoder, pipe.tokenizer, "clip_l"), (pipe.text_encoder_2, pipe.tokenizer_2, "clip_g"))
+        for encoder, tokenizer, key in encoders:
+            pipe.load_textual_inversion(tables[key], token=tokens, text_encoder=encoder, tokenizer=tokenizer)
+        try:
+            return render(pipe, prompt)
+        finally:
+            for encoder, tokenizer, _ in encoders:
+                pipe.unload_textual_inversion(tokens=tokens, text_encoder=encoder, tokenizer=tokenizer)
+
+    alone = render_with(load_file(exported["out"] / "embeddings" / "STY.safetensors"), ["<s2>"])
+    full = render_with(load_file(exported["out"] / "embeddings.safetensors"), TOKENS)
+    assert_images_close(alone, full)
+    assert not np.allclose(alone, render(pipe, prompt), atol=1e-2)
+    assert_back_to_base(pipe, exported)
+
+
+@pytest.mark.parametrize(("precision", "dtype"), [("fp16", torch.float16), ("bf16", torch.bfloat16)])
+def test_save_precision_writes_half_size_weights_that_still_load(pipe, exported, embeddings, tmp_path, precision,
+                                                                 dtype):
+    export.write_weight_files(tmp_path, unet_lora_state=exported["state"], lora_alpha=8, embeddings=embeddings,
+                              special_params=SPECIAL, training_config=CONFIG, unet_layout=exported["layout"],
+                              name="my_lora", save_precision=precision)
+    for path in tmp_path.rglob("*.safetensors"):
+        for key, value in load_file(path).items():
+            assert value.dtype == (torch.float32 if key.endswith(".alpha") else dtype), (path.name, key)
+    fp32_bytes = (exported["out"] / "pytorch_lora_weights.safetensors").stat().st_size
+    assert (tmp_path / "pytorch_lora_weights.safetensors").stat().st_size < 0.6 * fp32_bytes
+    loaded = render_with_lora(pipe, tmp_path)  # the fp32 pipeline upcasts the half-precision LoRA
+    # bf16 keeps 8 bits of mantissa: the LoRA's effect (tenths) moves by ~1e-3 of itself, far under 0.02
+    np.testing.assert_allclose(loaded, exported["trained"], atol=0.02)
+    assert not np.allclose(loaded, exported["base"], atol=1e-2)
+    assert_back_to_base(pipe, exported)
 
 
 def test_kohya_file_metadata(exported):
@@ -181,7 +239,9 @@ def test_model_card_names_triggers_loading_code_and_samples(exported):
     card = (exported["out"] / "README.md").read_text()
     for needed in ("TOK", "<s0><s1>", "STY", "<s2>", "load_lora_weights", "load_textual_inversion",
                    "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2", "['<s0>', '<s1>', '<s2>']",
-                   "samples/0.png", "ComfyUI/models/loras/", "<lora:my_lora:1>", 'instance_prompt: "<s0><s1>"'):
+                   "samples/0.png", "ComfyUI/models/loras/", "<lora:my_lora:1>", 'instance_prompt: "<s0><s1>"',
+                   "`embedding:TOK`", "<lora:my_lora_kohya:1>", "embeddings/TOK.safetensors",
+                   "embeddings/STY.safetensors", "--models my_lora_kohya.safetensors", "`<TOK>`"):
         assert needed in card, needed
 
 
@@ -213,7 +273,7 @@ def test_model_card_refuses_samples_outside_the_artifact(exported, tmp_path):
                                 sample_images=[tmp_path / "elsewhere.png"], training_config=CONFIG)
 
 
-def test_dora_export_round_trip(pipe, exported, embeddings, tmp_path):
+def test_dora_is_exported_for_diffusers_only_and_the_card_says_why(pipe, exported, embeddings, tmp_path):
     state = train_fake_adapter(pipe, "dora", use_dora=True)
     try:
         trained = render(pipe)
@@ -221,36 +281,38 @@ def test_dora_export_round_trip(pipe, exported, embeddings, tmp_path):
         pipe.unet.delete_adapters("dora")
     assert any(k.endswith("lora_magnitude_vector") for k in state)
     export.write_weight_files(tmp_path, unet_lora_state=state, lora_alpha=8, embeddings=embeddings,
-                              special_params=SPECIAL, training_config=CONFIG, unet_layout=exported["layout"])
-    kohya = load_file(tmp_path / "trained_model.safetensors")
-    assert any(k.endswith(".dora_scale") for k in kohya)
-    back = lora_formats.kohya_to_peft(kohya, exported["layout"])
-    assert all(torch.equal(back.state[k], v) for k, v in state.items())
-    with safe_open(tmp_path / "trained_model.safetensors", "pt") as f:
-        assert f.metadata()["ss_network_module"] == "lycoris.kohya"
-    images = [render_with_lora(pipe, source)
-              for source in (tmp_path, lora_formats.kohya_file_for_diffusers(kohya, exported["layout"]))]
-    np.testing.assert_allclose(images[0], trained, atol=1e-5)
-    np.testing.assert_allclose(images[1], trained, atol=1e-4)
+                              special_params=SPECIAL, training_config=CONFIG, unet_layout=exported["layout"],
+                              save_precision="fp32")
+    assert not list(tmp_path.glob("trained_model*.safetensors")), "no kohya-layout file for a DoRA"
+    np.testing.assert_allclose(render_with_lora(pipe, tmp_path), trained, atol=1e-5)
     assert_back_to_base(pipe, exported)
+    card = export.write_model_card(tmp_path, special_params=SPECIAL, base_model="b", name="trained_model",
+                                   sample_images=[], training_config=CONFIG).read_text()
+    assert "This is a DoRA" in card and "<lora:" not in card and "embeddings/TOK.safetensors" in card
 
 
-def test_full_fine_tune_writes_a_single_file_sgm_checkpoint(pipe, embeddings, tmp_path):
+@pytest.mark.parametrize(("save_precision", "stored"), [(None, "F16"), ("bf16", "BF16"), ("fp32", "F32")])
+def test_full_fine_tune_writes_a_single_file_sgm_checkpoint(pipe, embeddings, tmp_path, save_precision, stored):
     from pti.formats.sgm_checkpoint import SdxlShape, sgm_state
 
     unet_state = {k: v for k, v in pipe.unet.state_dict().items() if "lora" not in k}
     state = sgm_state(unet=unet_state, vae=pipe.vae.state_dict(), text_encoder=pipe.text_encoder.state_dict(),
                       text_encoder_2=pipe.text_encoder_2.state_dict(),
                       shape=SdxlShape.from_configs(pipe.unet.config, pipe.vae.config),
-                      vocab_rows=(len(pipe.tokenizer), len(pipe.tokenizer_2)))
+                      vocab_rows=(len(pipe.tokenizer), len(pipe.tokenizer_2)), dtype=torch.float32)
+    precision = {} if save_precision is None else {"save_precision": save_precision}
     export.write_weight_files(tmp_path, unet_lora_state=None, lora_alpha=None, embeddings=embeddings,
                               special_params=SPECIAL, training_config=CONFIG, full_checkpoint_state=state,
-                              unet_layout=lora_formats.SDXL_UNET_LAYOUT)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "embeddings.safetensors", "sdxl_checkpoint.safetensors", "special_params.json", "training_config.json"]
+                              unet_layout=lora_formats.SDXL_UNET_LAYOUT, **precision)
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
+        "embeddings.safetensors", "embeddings/STY.safetensors", "embeddings/TOK.safetensors",
+        "sdxl_checkpoint.safetensors", "special_params.json", "training_config.json"]
     with safe_open(tmp_path / "sdxl_checkpoint.safetensors", "pt") as handle:
         assert handle.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
-        assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {"F16"}
+        assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {stored}
+    written = load_file(tmp_path / "sdxl_checkpoint.safetensors")
+    dtype = export.SAVE_PRECISIONS[save_precision or "fp16"]
+    assert all(torch.equal(written[k], v.to(dtype)) for k, v in state.items())  # a cast, the same on both sides
     card = export.write_model_card(tmp_path, special_params=SPECIAL, base_model="b", name="full",
                                    sample_images=[], training_config=CONFIG).read_text()
     assert "from_single_file" in card and "sdxl_checkpoint.safetensors" in card and "load_lora_weights" not in card
@@ -263,6 +325,8 @@ def test_full_fine_tune_writes_a_single_file_sgm_checkpoint(pipe, embeddings, tm
     ({"special_params": {"TOK": "s0 s1 s2"}}, "not of the form"),
     ({"name": "../evil"}, "not usable as a file name"),
     ({"name": "embeddings"}, "clash"),
+    ({"special_params": {"TO/K": "<s0><s1><s2>"}}, "one word"),
+    ({"save_precision": "int8"}, "save_precision 'int8'"),
     ({"lora_alpha": None}, "lora_alpha is required"),
     ({"full_checkpoint_state": {"w": torch.zeros(1)}}, "exactly one of"),
 ])

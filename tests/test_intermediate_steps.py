@@ -13,14 +13,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from safetensors import safe_open
 
 from exactness import assert_images_close, images_differ
 from training_fixtures import write_plain_folder
 from weights_fixtures import one_torch_thread  # noqa: F401  (autouse fixture)
 
 STEPS = (2, 4, 6)  # checkpointing_steps=2 of max_train_steps=8: the final step 8 is the tar's top level
-WEIGHT_FILES = {"pytorch_lora_weights.safetensors", "embeddings.safetensors", "trained_model.safetensors",
-                "special_params.json", "training_config.json"}
+WEIGHT_FILES = {"pytorch_lora_weights.safetensors", "embeddings.safetensors", "embeddings/TOK.safetensors",
+                "trained_model.safetensors", "trained_model_kohya.safetensors", "special_params.json",
+                "training_config.json"}
 FAST = dict(width=64, height=64, num_inference_steps=2, seed=3, output_format="png", prompt="a photo of TOK",
             guidance_scale=5.0, lora_scale=1.0)
 
@@ -72,13 +74,19 @@ def image(predictor, weights: str) -> np.ndarray:
     return np.array(Image.open(path))
 
 
+def weight_files(folder: Path) -> set[str]:
+    return {p.relative_to(folder).as_posix() for p in [*folder.iterdir(), *folder.glob("embeddings/*")]
+            if p.is_file()}
+
+
 def test_every_saved_step_has_the_final_formats_and_its_samples(unpacked):
-    top_level = {p.name for p in unpacked.iterdir() if p.is_file()}
-    assert WEIGHT_FILES <= top_level
+    assert WEIGHT_FILES <= weight_files(unpacked)
     assert sorted(p.name for p in (unpacked / "steps").iterdir() if p.is_dir()) == [f"{s:06d}" for s in STEPS]
     for step in STEPS:
         folder = unpacked / "steps" / f"{step:06d}"
-        assert {p.name for p in folder.iterdir() if p.is_file()} == WEIGHT_FILES
+        assert weight_files(folder) == WEIGHT_FILES
+        with safe_open(folder / "trained_model_kohya.safetensors", "pt") as handle:  # save_precision's default
+            assert {handle.get_slice(k).get_dtype() for k in handle.keys() if not k.endswith(".alpha")} == {"F16"}
         assert sorted(p.name for p in (folder / "samples").iterdir()) == [f"step-{step:06d}-0.png",
                                                                             f"step-{step:06d}-1.png"]
         assert json.loads((folder / "training_config.json").read_text())["step"] == step

@@ -136,20 +136,27 @@ def random_peft_state(modules: list[str], rank: int = 4, width: int = 8, dora: b
 SOME_SDXL_MODULES = list(KNOWN_SDXL_NAMES)[:8]
 
 
-@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
-def test_peft_kohya_round_trip_is_exact(dora):
-    lora = lf.peft_lora(random_peft_state(SOME_SDXL_MODULES, dora=dora), lora_alpha=2.0)
+def test_peft_kohya_round_trip_is_exact():
+    lora = lf.peft_lora(random_peft_state(SOME_SDXL_MODULES), lora_alpha=2.0)
     kohya = lf.peft_to_kohya(lora)
     layer = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
     assert kohya[layer + ".alpha"].item() == 2.0 and kohya[layer + ".alpha"].dim() == 0
     assert torch.equal(kohya[layer + ".lora_down.weight"],
                        lora.state["down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"])
-    if dora:
-        assert kohya[layer + ".dora_scale"].shape == (8, 1)  # LyCORIS/ComfyUI shape for a linear layer
     back = lf.kohya_to_peft(kohya)
     assert back.state.keys() == lora.state.keys()
     assert all(torch.equal(back.state[k], v) for k, v in lora.state.items())
     assert back.alphas == lora.alphas
+
+
+def test_dora_has_no_kohya_layout_either_way():
+    with pytest.raises(lf.LoraFormatError, match="DoRA") as err:
+        lf.peft_to_kohya(lf.peft_lora(random_peft_state(SOME_SDXL_MODULES[:1], dora=True), lora_alpha=2.0))
+    assert "\n" not in str(err.value)
+    kohya = lf.peft_to_kohya(lf.peft_lora(random_peft_state(SOME_SDXL_MODULES[:1]), lora_alpha=2.0))
+    layer = next(k for k in kohya if k.endswith(".alpha")).removesuffix(".alpha")
+    with pytest.raises(lf.LoraFormatError, match="dora_scale"):
+        lf.kohya_to_peft({**kohya, layer + ".dora_scale": torch.ones(1, 8)})
 
 
 def test_kohya_without_alpha_means_scale_one():
@@ -175,6 +182,29 @@ def test_non_lora_peft_keys_are_refused(bad_key):
     state[bad_key] = torch.zeros(1)
     with pytest.raises(lf.LoraFormatError, match="lora_A/lora_B"):
         lf.peft_lora(state, 4.0)
+
+
+def test_bundled_embeddings_read_back_as_rows_and_trigger_words():
+    emb = {"clip_l": torch.arange(3 * 4.0).reshape(3, 4), "clip_g": torch.arange(3 * 6.0).reshape(3, 6)}
+    bundle = lf.split_embeddings_by_trigger(emb, {"TOK": "<s0><s1>", "STY": "<s2>"})
+    tables, special = lf.bundled_embeddings(bundle)
+    assert special == {"TOK": "<s0><s1>", "STY": "<s2>"}
+    assert all(torch.equal(tables[k], emb[k]) for k in emb)
+    with pytest.raises(lf.LoraFormatError, match="clip_l and clip_g"):
+        lf.bundled_embeddings({"bundle_emb.TOK.clip_l": emb["clip_l"]})
+
+
+def test_read_lora_file_tells_kohya_from_diffusers_and_refuses_text_encoder_layers():
+    lora = lf.peft_lora(random_peft_state(SOME_SDXL_MODULES[:2]), 8.0)
+    kohya = lf.peft_to_kohya(lora)
+    assert lf.read_lora_file(kohya, None).lora.alphas == lora.alphas
+    tensors, metadata = lf.peft_to_diffusers_file(lora)
+    assert lf.read_lora_file(tensors, metadata).lora.alphas == lora.alphas
+    text_encoder = {**kohya, "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 1)}
+    for bad, message in ((text_encoder, "text encoder"), ({**kohya, **tensors}, "mixes both"), ({}, "no tensors")):
+        with pytest.raises(lf.LoraFormatError, match=message) as err:
+            lf.read_lora_file(bad, None)
+        assert "\n" not in str(err.value)
 
 
 def test_kohya_file_for_diffusers_drops_bundled_embeddings_only():
@@ -215,10 +245,10 @@ def test_cog_sdxl_layout_converts_to_peft_exactly():
 
 @pytest.fixture(scope="module")
 def tiny_unet_adapter_state():
-    """A real PEFT DoRA adapter on the tiny UNet, every linear and conv layer targeted, B non-zero."""
+    """A real PEFT LoRA adapter on the tiny UNet, every linear and conv layer targeted, B non-zero."""
     unet = UNet2DConditionModel(**TINY_UNET_CONFIG)
     targets = [n for n in adapted_module_names(unet) if n not in ("conv_in", "conv_out")]
-    unet.add_adapter(LoraConfig(r=2, lora_alpha=3, target_modules=targets, init_lora_weights="gaussian", use_dora=True))
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=3, target_modules=targets, init_lora_weights="gaussian"))
     with torch.no_grad():
         for name, param in unet.named_parameters():
             if "lora_B" in name:

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+import safetensors.torch
 from safetensors.torch import save_file
 
 from exactness import assert_same_state, effective_state, images_differ
@@ -97,11 +98,9 @@ def test_real_sdxl_architecture_maps_key_by_key_and_fits_the_download_limit():
     assert 6.5e9 < fp16_bytes < WeightsSettings(cache_dir=Path()).max_download_bytes  # measured: 6.94 GB
 
 
-@pytest.fixture(scope="module")
-def full_tar(tmp_path_factory) -> Path:
+def train_full_fine_tune(work: Path, **inputs) -> Path:
     import train
 
-    work = tmp_path_factory.mktemp("full")
     photos = write_plain_folder(work / "photos", 3, size=64)
     archive = work / "photos.zip"
     with zipfile.ZipFile(archive, "w") as handle:
@@ -109,8 +108,25 @@ def full_tar(tmp_path_factory) -> Path:
             handle.write(photo, photo.name)
     output = train.train(input_images=archive, seed=5, resolution=64, train_batch_size=1, max_train_steps=3,
                          is_lora=False, unet_learning_rate=1e-3, ti_lr=1e-2, lr_warmup_steps=0, captioning_model="",
-                         crop_based_on_salience=False, verbose=False, validation_num_inference_steps=1)
+                         crop_based_on_salience=False, verbose=False, validation_num_inference_steps=1, **inputs)
     return Path(output.weights)
+
+
+@pytest.fixture(scope="module")
+def full_tar(tmp_path_factory) -> Path:
+    return train_full_fine_tune(tmp_path_factory.mktemp("full"))
+
+
+def checkpoint_dtypes(tar_path: Path) -> set[str]:
+    with tarfile.open(tar_path) as tar:
+        data = tar.extractfile("sdxl_checkpoint.safetensors").read()
+    return {str(t.dtype) for t in safetensors.torch.load(data).values()}
+
+
+def test_full_fine_tune_is_written_in_save_precision(full_tar, tmp_path):
+    assert checkpoint_dtypes(full_tar) == {"torch.float16"}  # the default
+    bf16_tar = train_full_fine_tune(tmp_path, save_precision="bf16")
+    assert checkpoint_dtypes(bf16_tar) == {"torch.bfloat16"}
 
 
 def test_full_fine_tune_tar_holds_an_fp16_single_file_that_loads_in_diffusers_and_the_predictor(full_tar, tiny,

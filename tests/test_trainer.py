@@ -110,7 +110,8 @@ def test_artifact_folder_holds_weights_samples_logs_and_loss_curve(main_run):
     assert list((out / "logs").glob("events.out.tfevents.*"))
     assert json.loads((out / "special_params.json").read_text()) == {"TOK": "<s0><s1>"}
     saved = load_file(str(out / "embeddings.safetensors"))
-    assert all(torch.equal(saved[k], result.embeddings[k]) for k in ("clip_l", "clip_g"))
+    assert all(saved[k].dtype == torch.float16 for k in saved)  # the default save_precision
+    assert all(torch.equal(saved[k], result.embeddings[k].half()) for k in ("clip_l", "clip_g"))
     config = json.loads((out / "training_config.json").read_text())
     assert config["total_steps"] == 8 and config["pivot_step"] == 4
     assert len(result.loss_history) == 8 and all(math.isfinite(x) for x in result.loss_history)
@@ -222,6 +223,7 @@ BAD_SETTINGS = [
     (dict(max_train_steps=-5), "max_train_steps must be at least 1"),
     (dict(train_batch_size=0), "train_batch_size must be at least 1"),
     (dict(ti_frac=1.5), "ti_frac must be between 0 and 1"),
+    (dict(save_precision="int8"), "save_precision must be one of fp16, bf16, fp32"),
     (dict(ti_frac=-0.1), "ti_frac must be between 0 and 1"),
     (dict(token_string="ZZZ"), "trigger word 'ZZZ' appears in no caption"),
     (dict(token_string="TOK:2,STY:1"), "trigger word 'STY' appears in no caption"),

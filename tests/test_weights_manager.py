@@ -15,12 +15,14 @@ import torch
 from pti.formats import export
 from pti.inference import weights_cache as wc
 import weights_manager as wm
+from pti.formats import lora_formats
 from pti.formats.lora_formats import UNetLayout
 from exactness import assert_images_close, assert_same_state, effective_state, images_differ
 from misbehaving_server import MisbehavingServer
 from weights_fixtures import one_torch_thread  # noqa: F401  (autouse fixture)
 from weights_fixtures import random_embeddings, random_peft_lora, tiny_unet, write_cog_sdxl_tar, \
     write_trained_tar
+from safetensors.torch import save_file
 
 
 @pytest.fixture(scope="module")
@@ -321,3 +323,53 @@ def test_full_unet_weights_apply_and_restore_exactly(manager, pipe, tars, tmp_pa
     manager.use(None, 0.6)
     assert_same_state(effective_state(pipe), base_state, "base after full weights")
     assert_images_close(render(pipe), base)
+
+
+# ---------------------------------------------------------------------------------------------- bare LoRA files
+
+
+@pytest.fixture(scope="module")
+def bare_files(tmp_path_factory) -> dict[str, Path]:
+    """Bare .safetensors LoRAs as civitai and the Hugging Face hub serve them, in half precision: a kohya file with
+    SGM names and bundled embeddings (our one-file LoRA), a kohya file without them, a diffusers file."""
+    folder = tmp_path_factory.mktemp("bare")
+    unet = tiny_unet()
+    layout = UNetLayout.from_unet_config(unet.config)
+    lora = lora_formats.peft_lora(random_peft_lora(unet, 11), lora_alpha=8.0)
+    half = lambda tensors: {k: v.half() if not k.endswith(".alpha") else v for k, v in tensors.items()}  # noqa: E731
+    kohya = lora_formats.peft_to_kohya(lora, layout)
+    bundle = {**kohya, **lora_formats.split_embeddings_by_trigger(random_embeddings(11), {"TOK": "<s0><s1>"})}
+    tensors, metadata = lora_formats.peft_to_diffusers_file(lora)
+    save_file(half(bundle), folder / "kohya_bundle.safetensors")
+    save_file(half(kohya), folder / "kohya.safetensors")
+    save_file(half(tensors), folder / "diffusers.safetensors", metadata=metadata)
+    text_encoder = {**kohya, "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32)}
+    save_file(text_encoder, folder / "with_text_encoder.safetensors")
+    return {path.stem: path for path in folder.iterdir()}
+
+
+@pytest.mark.parametrize("how", ["path", "url"])
+def test_bare_kohya_and_diffusers_loras_load_change_the_image_and_unload_exactly(manager, pipe, bare_files, how):
+    base, base_state = render(pipe), effective_state(pipe)
+    with MisbehavingServer(bare_files["kohya"].parent) as server:
+        images = {}
+        for name in ("kohya", "diffusers", "kohya_bundle"):
+            source = str(bare_files[name]) if how == "path" else server.url("files/" + bare_files[name].name)
+            active = manager.use(source, 0.6)
+            images[name] = render(pipe, manager.expand_prompt("a photo of TOK dog"))
+            assert images_differ(images[name], base), name
+            manager.use(None, 0.6)
+            assert_same_state(effective_state(pipe), base_state, f"base after the bare {name} file")
+            assert_images_close(render(pipe), base)
+    assert active.special_params == {"TOK": "<s0><s1>"}, "the bundled embeddings bring their trigger word"
+    assert_images_close(images["kohya"], images["diffusers"])  # the same LoRA in two layouts
+    assert images_differ(images["kohya_bundle"], images["kohya"]), "the bundled embeddings take part"
+
+
+def test_bare_lora_with_text_encoder_layers_is_refused_in_one_line(manager, pipe, bare_files):
+    base_state = effective_state(pipe)
+    with pytest.raises(wc.WeightsError, match="text encoder") as error:
+        manager.use(str(bare_files["with_text_encoder"]), 0.6)
+    assert "\n" not in str(error.value)
+    assert manager.active is None and manager.cache.entries() == []
+    assert_same_state(effective_state(pipe), base_state, "base after a refused bare file")

@@ -19,7 +19,10 @@ from datetime import datetime, timezone
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
+import re
+
 import safetensors.torch
+import torch
 from torch import Tensor
 from tqdm import tqdm
 
@@ -29,6 +32,9 @@ from pti.formats.sgm_checkpoint import FULL_CHECKPOINT_FILE
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDINGS_FILE = "embeddings.safetensors"
+TRIGGER_EMBEDDINGS_DIR = "embeddings"  # one <trigger>.safetensors per trigger word: drop into a tool's embeddings folder
+KOHYA_PLAIN_SUFFIX = "_kohya"  # <name>_kohya.safetensors: the kohya-layout LoRA without bundled embeddings
+SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SPECIAL_PARAMS_FILE = "special_params.json"
 TRAINING_CONFIG_FILE = "training_config.json"
 MODEL_CARD_FILE = "README.md"
@@ -98,6 +104,12 @@ def _write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[st
     _write_atomically(path, lambda tmp: safetensors.torch.save_file(cpu, str(tmp), metadata=metadata))
 
 
+def _in_precision(tensors: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """Floating-point weights cast to the save precision; kohya ``.alpha`` scalars stay float32 (an alpha such as
+    0.1 is not exact in half precision, and they weigh nothing)."""
+    return {k: v.to(dtype) if v.is_floating_point() and not k.endswith(".alpha") else v for k, v in tensors.items()}
+
+
 # ---------------------------------------------------------------- validation
 
 
@@ -118,6 +130,9 @@ def _check_embeddings(embeddings: dict[str, Tensor], special_params: dict[str, s
         raise ExportError("special_params is empty; map each trigger word to its tokens, e.g. {'TOK': '<s0><s1>'}")
     used = []
     for trigger, tokens in special_params.items():
+        if not re.fullmatch(r"\w+", trigger):
+            raise ExportError(f"trigger word {trigger!r} must be one word of letters, digits or _ (it names the "
+                              f"file {TRIGGER_EMBEDDINGS_DIR}/{trigger}.safetensors)")
         try:
             used += lora_formats.token_indices(tokens)
         except lora_formats.LoraFormatError as err:
@@ -167,17 +182,7 @@ def kohya_metadata(lora: lora_formats.PeftLora, *, name: str, special_params: di
         "modelspec.trigger_phrase": ", ".join(triggers),
         "modelspec.date": datetime.now(timezone.utc).date().isoformat(),
     }
-    if lora.use_dora:
-        meta["ss_network_module"] = "lycoris.kohya"
-        meta["ss_network_args"] = json.dumps({"algo": "lora", "dora_wd": "True"})
     return meta
-
-
-def kohya_state(lora: lora_formats.PeftLora, embeddings: dict[str, Tensor], special_params: dict[str, str],
-                layout: UNetLayout) -> dict[str, Tensor]:
-    """The tensors of ``<name>.safetensors``: kohya UNet LoRA keys plus ``bundle_emb.<trigger>.clip_l/clip_g``."""
-    return {**lora_formats.peft_to_kohya(lora, layout),
-            **lora_formats.split_embeddings_by_trigger(embeddings, special_params)}
 
 
 def base_model_metadata(training_config: dict) -> dict[str, str]:
@@ -198,32 +203,43 @@ def base_model_metadata(training_config: dict) -> dict[str, str]:
 def write_weight_files(out_dir: Path, *, unet_lora_state: dict[str, Tensor] | None, lora_alpha: float | None,
                        embeddings: dict[str, Tensor], special_params: dict[str, str], training_config: dict,
                        unet_layout: UNetLayout, name: str = "trained_model",
-                       full_checkpoint_state: dict[str, Tensor] | None = None) -> None:
+                       full_checkpoint_state: dict[str, Tensor] | None = None,
+                       save_precision: str = "fp16") -> None:
     """Write the weight files of the artifact contract into ``out_dir`` (created if missing).
 
-    LoRA run: ``pytorch_lora_weights.safetensors`` and ``<name>.safetensors``; full fine-tune
+    LoRA run: ``pytorch_lora_weights.safetensors`` and, unless it is a DoRA (which only diffusers applies as
+    trained), ``<name>.safetensors`` (kohya layout with ``bundle_emb``, for A1111) and ``<name>_kohya.safetensors``
+    (the same without ``bundle_emb``: Forge, ComfyUI, kohya's tools, InvokeAI). Full fine-tune
     (``full_checkpoint_state``, the tensors of :func:`sgm_checkpoint.sgm_state`): ``sdxl_checkpoint.safetensors``,
-    a single-file SDXL checkpoint in the SGM layout. Always ``embeddings.safetensors``, ``special_params.json`` and
-    ``training_config.json`` (with library versions added). ``unet_layout`` is the trained UNet's block structure,
-    ``UNetLayout.from_unet_config(unet.config)``, which names the kohya keys.
+    a single-file SDXL checkpoint in the SGM layout. Always ``embeddings.safetensors``, one
+    ``embeddings/<trigger>.safetensors`` per trigger word, ``special_params.json`` and ``training_config.json``
+    (with library versions added). ``unet_layout`` is the trained UNet's block structure,
+    ``UNetLayout.from_unet_config(unet.config)``, which names the kohya keys. Weights are written in
+    ``save_precision`` (``fp16``, ``bf16`` or ``fp32``).
     """
     if (unet_lora_state is None) == (full_checkpoint_state is None):
         raise ExportError("give exactly one of unet_lora_state (LoRA run) and full_checkpoint_state (full fine-tune)")
+    if save_precision not in SAVE_PRECISIONS:
+        raise ExportError(f"save_precision {save_precision!r} is not one of {', '.join(SAVE_PRECISIONS)}")
+    dtype = SAVE_PRECISIONS[save_precision]
     _check_name(name)
     _check_embeddings(embeddings, special_params)
     if unet_lora_state is not None:
-        unet_files = _lora_files(unet_lora_state, lora_alpha, embeddings, special_params, name, unet_layout)
-        kohya_tensors, kohya_meta = unet_files[f"{name}.safetensors"]
-        unet_files[f"{name}.safetensors"] = (kohya_tensors, {**kohya_meta, **base_model_metadata(training_config)})
+        unet_files = _lora_files(unet_lora_state, lora_alpha, embeddings, special_params, name, unet_layout,
+                                 base_model_metadata(training_config))
     else:
         metadata = sgm_checkpoint.checkpoint_metadata(name, list(special_params))
         unet_files = {FULL_CHECKPOINT_FILE: (full_checkpoint_state, metadata)}
+    per_trigger = lora_formats.embeddings_by_trigger(embeddings, special_params)
     config = {**training_config, "library_versions": library_versions()}
     json.dumps(config, default=_json_value)  # refuse an unwritable config before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     for filename, (tensors, metadata) in unet_files.items():
-        _write_safetensors(out_dir / filename, tensors, metadata)
-    _write_safetensors(out_dir / EMBEDDINGS_FILE, embeddings)
+        _write_safetensors(out_dir / filename, _in_precision(tensors, dtype), metadata)
+    _write_safetensors(out_dir / EMBEDDINGS_FILE, _in_precision(embeddings, dtype))
+    (out_dir / TRIGGER_EMBEDDINGS_DIR).mkdir(exist_ok=True)
+    for trigger, tables in per_trigger.items():
+        _write_safetensors(out_dir / TRIGGER_EMBEDDINGS_DIR / f"{trigger}.safetensors", _in_precision(tables, dtype))
     _write_json(out_dir / SPECIAL_PARAMS_FILE, special_params)
     _write_json(out_dir / TRAINING_CONFIG_FILE, config)
 
@@ -232,25 +248,33 @@ SafetensorsFile = tuple[dict[str, Tensor], dict[str, str] | None]
 
 
 def _lora_files(state: dict[str, Tensor], lora_alpha: float | None, embeddings: dict[str, Tensor],
-                special_params: dict[str, str], name: str, layout: UNetLayout) -> dict[str, SafetensorsFile]:
-    """The diffusers file and the one-file kohya LoRA, by file name."""
+                special_params: dict[str, str], name: str, layout: UNetLayout,
+                base_metadata: dict[str, str]) -> dict[str, SafetensorsFile]:
+    """The diffusers file and (plain LoRA only) the kohya files with and without bundled embeddings, by file name;
+    ``base_metadata`` (:func:`base_model_metadata`) joins the kohya files' metadata."""
     if lora_alpha is None:
         raise ExportError("lora_alpha is required with unet_lora_state (the LoraConfig's lora_alpha)")
     try:
         lora = lora_formats.peft_lora(state, lora_alpha)
-        kohya = kohya_state(lora, embeddings, special_params, layout)
+        files = {DIFFUSERS_LORA_FILE: lora_formats.peft_to_diffusers_file(lora)}
+        if lora.use_dora:
+            return files
+        kohya = lora_formats.peft_to_kohya(lora, layout)
+        bundle = {**kohya, **lora_formats.split_embeddings_by_trigger(embeddings, special_params)}
     except lora_formats.LoraFormatError as err:
         raise ExportError(f"cannot export the UNet LoRA: {err}") from None
-    return {
-        DIFFUSERS_LORA_FILE: lora_formats.peft_to_diffusers_file(lora),
-        f"{name}.safetensors": (kohya, kohya_metadata(lora, name=name, special_params=special_params)),
-    }
+    metadata = {**kohya_metadata(lora, name=name, special_params=special_params), **base_metadata}
+    files[f"{name}.safetensors"] = (bundle, metadata)
+    files[f"{name}{KOHYA_PLAIN_SUFFIX}.safetensors"] = (kohya, {**metadata, "ss_output_name": name + KOHYA_PLAIN_SUFFIX,
+                                                                 "modelspec.title": name + KOHYA_PLAIN_SUFFIX})
+    return files
 
 
 def write_model_card(out_dir: Path, *, special_params: dict[str, str], base_model: str, name: str,
                      sample_images: list[Path], training_config: dict) -> Path:
-    """Write ``README.md`` (after :func:`write_weight_files`): trigger words, loading code for diffusers,
-    ComfyUI and A1111/Forge, sample images (which must lie inside ``out_dir``)."""
+    """Write ``README.md`` (after :func:`write_weight_files`): trigger words, the files and how to use them in
+    diffusers, ComfyUI, A1111, Forge, kohya's scripts and InvokeAI, sample images (which must lie inside
+    ``out_dir``)."""
     _check_name(name)
     out_dir = out_dir.resolve()
     links = []
@@ -262,7 +286,8 @@ def write_model_card(out_dir: Path, *, special_params: dict[str, str], base_mode
     is_lora = (out_dir / DIFFUSERS_LORA_FILE).is_file()
     if not is_lora and not (out_dir / FULL_CHECKPOINT_FILE).is_file():
         raise ExportError(f"{out_dir} holds no UNet weights; call write_weight_files before write_model_card")
-    card = ModelCard(special_params, base_model, name, links, training_config, is_lora)
+    has_kohya_files = (out_dir / f"{name}{KOHYA_PLAIN_SUFFIX}.safetensors").is_file()
+    card = ModelCard(special_params, base_model, name, links, training_config, is_lora, has_kohya_files)
     path = out_dir / MODEL_CARD_FILE
     _write_text(path, card.text())
     return path
@@ -276,10 +301,12 @@ class ModelCard:
     sample_links: list[str]
     training_config: dict
     is_lora: bool
+    has_kohya_files: bool  # False for a full fine-tune and for a DoRA (see _lora_files)
 
     def text(self) -> str:
         return "\n\n".join([self._front_matter(), self._intro(), self._files(), self._diffusers(), self._comfyui(),
-                             self._a1111(), self._samples(), self._training()]) + "\n"
+                             self._a1111(), self._forge(), self._kohya(), self._invokeai(), self._samples(),
+                             self._training()]) + "\n"
 
     @property
     def _tokens(self) -> list[str]:
@@ -288,6 +315,23 @@ class ModelCard:
     @property
     def _first(self) -> tuple[str, str]:
         return next(iter(self.special_params.items()))
+
+    @property
+    def _use_dora(self) -> bool:
+        return self.is_lora and not self.has_kohya_files
+
+    @property
+    def _has_kohya_files(self) -> bool:
+        return self.has_kohya_files
+
+    @property
+    def _precision(self) -> str:
+        """The precision the weights were written in (runs from before ``save_precision`` wrote fp32)."""
+        return str(self.training_config.get("save_precision", "fp16"))
+
+    @property
+    def _plain(self) -> str:
+        return f"{self.name}{KOHYA_PLAIN_SUFFIX}"
 
     def _front_matter(self) -> str:
         kind = "lora" if self.is_lora else "full-fine-tune"
@@ -305,8 +349,8 @@ An SDXL model trained with pivotal tuning: new tokens in both text encoders toge
 
 ## Trigger words
 
-With this repository's predictor and in A1111/Forge write the trigger word in the prompt; in diffusers write its
-tokens; in ComfyUI see below.
+With this repository's predictor, in A1111, Forge and ComfyUI write the trigger word in the prompt (ComfyUI:
+`embedding:` before it); in diffusers write its tokens; in InvokeAI write it in angle brackets.
 
 | trigger word | tokens |
 | --- | --- |
@@ -314,16 +358,27 @@ tokens; in ComfyUI see below.
 
     def _files(self) -> str:
         rows = [f"| `{DIFFUSERS_LORA_FILE}` | UNet weights for diffusers |" if self.is_lora else
-                f"| `{FULL_CHECKPOINT_FILE}` | the whole SDXL model, single-file SGM layout, fp16 (A1111/Forge, "
-                "ComfyUI, diffusers `from_single_file`) |",
+                f"| `{FULL_CHECKPOINT_FILE}` | the whole SDXL model, single-file SGM layout, {self._precision} "
+                "(A1111, Forge, ComfyUI, InvokeAI, diffusers `from_single_file`) |",
                 f"| `{EMBEDDINGS_FILE}` | new-token embeddings: `clip_l` (first text encoder), `clip_g` (second), "
                 f"one row per token `{''.join(self._tokens)}` |"]
-        if self.is_lora:
-            rows.append(f"| `{self.name}.safetensors` | one-file LoRA for A1111/Forge, ComfyUI and kohya tools, "
-                        "embeddings bundled |")
+        rows += [f"| `{TRIGGER_EMBEDDINGS_DIR}/{trigger}.safetensors` | `{trigger}` alone (`clip_l`/`clip_g`): an "
+                 f"embedding for the embeddings folder of ComfyUI, A1111, Forge, InvokeAI |"
+                 for trigger in self.special_params]
+        if self._has_kohya_files:
+            rows.append(f"| `{self.name}.safetensors` | kohya-layout LoRA with the embeddings bundled "
+                        "(`bundle_emb`): A1111 |")
+            rows.append(f"| `{self._plain}.safetensors` | the same LoRA without embeddings: Forge, ComfyUI, "
+                        "kohya's scripts, InvokeAI |")
         rows += [f"| `{SPECIAL_PARAMS_FILE}` | trigger word → tokens |",
                  f"| `{TRAINING_CONFIG_FILE}` | every training setting and library versions |"]
-        return "## Files\n\n| file | what |\n| --- | --- |\n" + "\n".join(rows)
+        table = "## Files\n\n| file | what |\n| --- | --- |\n" + "\n".join(rows)
+        if self._use_dora:
+            table += ("\n\nThis is a DoRA: only diffusers (and this repository's predictor) apply it as trained, so "
+                      "no kohya-layout LoRA is included. A1111 and ComfyUI normalise DoRA per input column, "
+                      "PEFT per output row; ComfyUI's and Forge's output-row variant divides by the base weight's "
+                      "norm; kohya's scripts ignore `dora_scale`. The embeddings work everywhere.")
+        return table
 
     def _diffusers(self) -> str:
         if self.is_lora:
@@ -360,25 +415,86 @@ image.save("out.png")
 `pipe.unload_textual_inversion(tokens=tokens, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)` and the
 same with `text_encoder_2`/`tokenizer_2`."""
 
+    def _embeddings_step(self, folder: str) -> str:
+        trigger = self._first[0]
+        return (f"copy `{TRIGGER_EMBEDDINGS_DIR}/{trigger}.safetensors` (and the file of every other trigger word "
+                f"you use) to `{folder}`")
+
     def _comfyui(self) -> str:
-        lora = (f"Copy `{self.name}.safetensors` to `ComfyUI/models/loras/` and add a *Load LoRA* node after the "
-                "checkpoint loader. " if self.is_lora else
-                f"Copy `{FULL_CHECKPOINT_FILE}` to `ComfyUI/models/checkpoints/` and pick it in *Load Checkpoint*. ")
+        trigger = self._first[0]
+        if self._has_kohya_files:
+            lora = (f"Copy `{self._plain}.safetensors` to `ComfyUI/models/loras/` and add a *Load LoRA* node after "
+                    "the checkpoint loader; ")
+        elif not self.is_lora:
+            lora = (f"Copy `{FULL_CHECKPOINT_FILE}` to `ComfyUI/models/checkpoints/` and pick it in *Load "
+                    "Checkpoint*; ")
+        else:
+            lora = ""
         return f"""## ComfyUI
 
-{lora}Copy `{EMBEDDINGS_FILE}` to `ComfyUI/models/embeddings/{self.name}.safetensors` and write `embedding:{self.name}`
-in the prompt where the trigger word goes; it inserts all tokens, `{''.join(self._tokens)}`."""
+{lora}{self._embeddings_step("ComfyUI/models/embeddings/")} and write `embedding:{trigger}` in the prompt where
+the trigger word goes. Each trigger word has its own file, so one can be used without the others. ComfyUI ignores
+embeddings bundled in a LoRA."""
 
     def _a1111(self) -> str:
-        if not self.is_lora:
-            return (f"## AUTOMATIC1111 / Forge\n\nCopy `{FULL_CHECKPOINT_FILE}` to `models/Stable-diffusion/` and "
-                    f"`{EMBEDDINGS_FILE}` to `embeddings/{self.name}.safetensors`; write `{self.name}` in the prompt "
-                    "where the trigger word goes.")
         trigger = self._first[0]
-        return f"""## AUTOMATIC1111 / Forge
+        if not self.is_lora:
+            return f"""## AUTOMATIC1111
+
+Copy `{FULL_CHECKPOINT_FILE}` to `models/Stable-diffusion/` and pick it as the checkpoint;
+{self._embeddings_step("embeddings/")} and write `{trigger}` in the prompt."""
+        if not self._has_kohya_files:
+            return f"""## AUTOMATIC1111
+
+No LoRA file for A1111 here (see Files); {self._embeddings_step("embeddings/")} and write `{trigger}` in the
+prompt."""
+        return f"""## AUTOMATIC1111
 
 Copy `{self.name}.safetensors` to `models/Lora/`. The embeddings are bundled in it under the trigger words, so
 write the LoRA tag and the trigger word in the prompt, e.g. `a photo of {trigger} <lora:{self.name}:1>`."""
+
+    def _forge(self) -> str:
+        trigger = self._first[0]
+        if not self.is_lora:
+            return f"""## Forge
+
+Copy `{FULL_CHECKPOINT_FILE}` to `models/Stable-diffusion/` and pick it as the checkpoint;
+{self._embeddings_step("embeddings/")} and write `{trigger}` in the prompt."""
+        if not self._has_kohya_files:
+            return f"""## Forge
+
+No LoRA file for Forge here (see Files); {self._embeddings_step("embeddings/")} and write `{trigger}` in the
+prompt."""
+        return f"""## Forge
+
+Forge does not read embeddings bundled in a LoRA (and drops a LoRA with more than 12 keys it does not know), so
+copy `{self._plain}.safetensors` to `models/Lora/`, {self._embeddings_step("embeddings/")}, and write e.g.
+`a photo of {trigger} <lora:{self._plain}:1>`."""
+
+    def _kohya(self) -> str:
+        if not self.is_lora:
+            return (f"## kohya sd-scripts\n\n`{FULL_CHECKPOINT_FILE}` is a checkpoint kohya's scripts take as "
+                    f"`--pretrained_model_name_or_path`, e.g. to train a LoRA on this model.")
+        if not self._has_kohya_files:
+            return "## kohya sd-scripts\n\nNo kohya-layout LoRA here (see Files)."
+        return f"""## kohya sd-scripts
+
+Give `{self._plain}.safetensors` to `networks/sdxl_merge_lora.py` (`--models {self._plain}.safetensors`), to merge
+it into a checkpoint or with other LoRAs. The bundled file makes that script fail, and a merge keeps no
+embeddings: keep using the files in `{TRIGGER_EMBEDDINGS_DIR}/` with the merged model."""
+
+    def _invokeai(self) -> str:
+        trigger = self._first[0]
+        if self._has_kohya_files:
+            lora = (f"Install `{self._plain}.safetensors` as a LoRA (InvokeAI refuses the bundled file's "
+                    "`bundle_emb` keys) and ")
+        elif not self.is_lora:
+            lora = f"Install `{FULL_CHECKPOINT_FILE}` as a main model and "
+        else:
+            lora = "Install "
+        return f"""## InvokeAI
+
+{lora}`{TRIGGER_EMBEDDINGS_DIR}/{trigger}.safetensors` as a textual inversion; write `<{trigger}>` in the prompt."""
 
     def _samples(self) -> str:
         images = "\n".join(f"![sample {i}]({link})" for i, link in enumerate(self.sample_links))

@@ -11,7 +11,12 @@ Layouts:
 * **kohya** (one-file LoRA for A1111/Forge, ComfyUI, kohya tools): ``lora_unet_<module>`` where ``<module>`` is the
   path in the original SGM/LDM SDXL UNet (``input_blocks.4.1.transformer_blocks.0.attn1.to_q``) with dots turned
   into underscores; ``.lora_down.weight`` (= lora_A), ``.lora_up.weight`` (= lora_B), ``.alpha`` (0-d, the scale
-  is ``alpha / rank``), DoRA ``.dora_scale`` (LyCORIS/ComfyUI shape ``[out, 1]`` for linear layers).
+  is ``alpha / rank``). No DoRA: PEFT's DoRA divides each *output row* of ``W + scale·BA`` by its norm, and no
+  consumer of this layout applies that (A1111 divides each input column, so does ComfyUI/Forge for a
+  ``[1, in]`` ``dora_scale``, while their ``[out, 1]`` branch divides by the norm of the *base* weight; kohya's
+  loaders ignore ``dora_scale``), so a DoRA adapter is refused here and shipped in the diffusers file only.
+* **bare LoRA files** (what civitai and the Hugging Face hub serve): a kohya file (above, with or without
+  ``bundle_emb``) or a diffusers file; :func:`read_lora_file` reads either.
 * **cog-sdxl legacy** (replicate/cog-sdxl tars): attention-processor keys
   ``<attention>.processor.to_q_lora.down.weight`` / ``.up.weight`` (``to_out_lora`` for ``to_out.0``), no alpha
   (scale 1), and ``embeddings.pti`` with ``text_encoders_0`` / ``text_encoders_1``.
@@ -314,36 +319,28 @@ def peft_lora(state: dict[str, Tensor], lora_alpha: float) -> PeftLora:
     return PeftLora(dict(state), {m: float(lora_alpha) for m in peft_modules(state)})
 
 
-def _dora_scale_shape(out_features: int, lora_a: Tensor) -> tuple[int, ...]:
-    """LyCORIS/ComfyUI ``dora_scale``: ``[out, 1]`` for linear, ``[out, 1, 1, 1]`` for conv layers."""
-    return (out_features,) + (1,) * (lora_a.dim() - 1)
-
-
-def _magnitude_shape(out_features: int, lora_a: Tensor) -> tuple[int, ...]:
-    """PEFT's ``lora_magnitude_vector``: ``[out]`` for linear, ``[1, out, 1, 1]`` for conv layers."""
-    return (out_features,) if lora_a.dim() == 2 else (1, out_features) + (1,) * (lora_a.dim() - 2)
-
-
 def peft_to_kohya(lora: PeftLora, layout: UNetLayout = SDXL_UNET_LAYOUT) -> dict[str, Tensor]:
-    """PEFT UNet LoRA → kohya/WebUI keys with SGM module names (what A1111/Forge/ComfyUI/kohya read for SDXL)."""
+    """PEFT UNet LoRA → kohya/WebUI keys with SGM module names (what A1111/Forge/ComfyUI/kohya read for SDXL).
+
+    A DoRA adapter is refused: no consumer of this layout applies PEFT's per-output-row decomposition (see the
+    module docstring)."""
+    if lora.use_dora:
+        raise LoraFormatError("a DoRA adapter has no kohya-layout file: A1111, ComfyUI, Forge and kohya do not apply "
+                              "PEFT's per-output-row DoRA; use the diffusers file")
     out: dict[str, Tensor] = {}
     for module in peft_modules(lora.state):
         layer = kohya_layer_name(module, layout)
-        lora_a = lora.state[module + _PEFT_A]
-        out[layer + _KOHYA_DOWN] = lora_a
+        out[layer + _KOHYA_DOWN] = lora.state[module + _PEFT_A]
         out[layer + _KOHYA_UP] = lora.state[module + _PEFT_B]
         out[layer + _KOHYA_ALPHA] = torch.tensor(lora.alphas[module], dtype=torch.float32)
-        if module + _PEFT_MAGNITUDE in lora.state:
-            out_features = lora.state[module + _PEFT_B].shape[0]
-            magnitude = lora.state[module + _PEFT_MAGNITUDE]
-            out[layer + _KOHYA_DORA] = magnitude.reshape(_dora_scale_shape(out_features, lora_a))
     return out
 
 
 def kohya_to_peft(state: dict[str, Tensor], layout: UNetLayout = SDXL_UNET_LAYOUT) -> PeftLora:
     """kohya/WebUI UNet LoRA (SGM or diffusers-style names) → PEFT layout; ``bundle_emb.*`` keys are ignored.
 
-    A layer without ``.alpha`` gets alpha = rank (scale 1), as kohya tools assume.
+    A layer without ``.alpha`` gets alpha = rank (scale 1), as kohya tools assume. A ``dora_scale`` (LyCORIS
+    DoRA, normalised per input column) is refused: PEFT, which applies the LoRA here, normalises per output row.
     """
     peft_state: dict[str, Tensor] = {}
     alphas: dict[str, float] = {}
@@ -351,16 +348,15 @@ def kohya_to_peft(state: dict[str, Tensor], layout: UNetLayout = SDXL_UNET_LAYOU
     for layer in layers:
         if layer + _KOHYA_UP not in state:
             raise LoraFormatError(f"kohya LoRA layer {layer!r} has lora_down but no lora_up weight")
+        if layer + _KOHYA_DORA in state:
+            raise LoraFormatError(f"kohya LoRA layer {layer!r} has a dora_scale (LyCORIS DoRA, normalised per input "
+                                  "column), which diffusers/PEFT cannot apply; use a plain LoRA")
         module = diffusers_module_from_kohya(layer, layout)
         lora_a = state[layer + _KOHYA_DOWN]
         peft_state[module + _PEFT_A] = lora_a
         peft_state[module + _PEFT_B] = state[layer + _KOHYA_UP]
         alpha = state.get(layer + _KOHYA_ALPHA)
         alphas[module] = float(alpha.item()) if alpha is not None else float(lora_a.shape[0])
-        if layer + _KOHYA_DORA in state:
-            out_features = peft_state[module + _PEFT_B].shape[0]
-            dora_scale = state[layer + _KOHYA_DORA]
-            peft_state[module + _PEFT_MAGNITUDE] = dora_scale.reshape(_magnitude_shape(out_features, lora_a))
     return PeftLora(peft_state, alphas)
 
 
@@ -448,37 +444,110 @@ def kohya_file_for_diffusers(state: dict[str, Tensor], layout: UNetLayout = SDXL
 
     diffusers 0.42 reads kohya keys with SGM names itself (it maps ``input_blocks``/``middle_block``/
     ``output_blocks`` by the UNet's ``layers_per_block``) and honours ``.alpha``, but refuses non-LoRA keys, so the
-    ``bundle_emb.*`` entries are dropped. It silently discards ``dora_scale``, so a DoRA file is converted to
-    :func:`peft_to_diffusers_dict` instead.
+    ``bundle_emb.*`` entries are dropped.
     """
     lora_keys = {k: v for k, v in state.items() if not k.startswith(BUNDLE_EMB_PREFIX)}
-    if any(k.endswith(_KOHYA_DORA) for k in lora_keys):
-        return peft_to_diffusers_dict(kohya_to_peft(lora_keys, layout))
-    _kohya_layers(lora_keys)
+    kohya_to_peft(lora_keys, layout)  # refuses what diffusers would misread (unknown keys, dora_scale)
     return lora_keys
 
 
 # ---------------------------------------------------------------- embeddings
 
 
-def split_embeddings_by_trigger(embeddings: dict[str, Tensor], special_params: dict[str, str]) -> dict[str, Tensor]:
-    """``bundle_emb.<trigger>.clip_l/.clip_g`` tensors: each trigger's own rows of ``clip_l``/``clip_g``.
+def embeddings_by_trigger(embeddings: dict[str, Tensor],
+                          special_params: dict[str, str]) -> dict[str, dict[str, Tensor]]:
+    """Each trigger word's own rows of ``clip_l``/``clip_g``: ``{"TOK": {"clip_l": [2, 768], "clip_g": [2, 1280]}}``.
 
     ``special_params`` maps trigger → its tokens (``{"TOK": "<s0><s1>", "STY": "<s2>"}``); rows follow the
-    ``<s0>…<sN>`` order of the embeddings, so a trigger's rows are those of its token indices.
+    ``<s0>…<sN>`` order of the embeddings, so a trigger's rows are those of its token indices. A file holding one
+    trigger's dict is what A1111/Forge (``clip_l``/``clip_g`` keys), ComfyUI and InvokeAI load as one embedding.
     """
-    out = {}
+    out: dict[str, dict[str, Tensor]] = {}
     n_rows = {name: t.shape[0] for name, t in embeddings.items()}
     for trigger, tokens in special_params.items():
-        if "." in trigger:
-            raise LoraFormatError(f"trigger word {trigger!r} cannot be bundled: A1111 splits bundle_emb keys at dots")
         rows = token_indices(tokens)
+        out[trigger] = {}
         for name, table in embeddings.items():
             if max(rows) >= n_rows[name]:
                 raise LoraFormatError(
                     f"trigger {trigger!r} uses token <s{max(rows)}> but {name} has {n_rows[name]} rows")
-            out[f"{BUNDLE_EMB_PREFIX}{trigger}.{name}"] = table[rows].contiguous()
+            out[trigger][name] = table[rows].contiguous()
     return out
+
+
+def split_embeddings_by_trigger(embeddings: dict[str, Tensor], special_params: dict[str, str]) -> dict[str, Tensor]:
+    """``bundle_emb.<trigger>.clip_l/.clip_g`` tensors (A1111's bundled embeddings): each trigger's own rows."""
+    for trigger in special_params:
+        if "." in trigger:
+            raise LoraFormatError(f"trigger word {trigger!r} cannot be bundled: A1111 splits bundle_emb keys at dots")
+    return {f"{BUNDLE_EMB_PREFIX}{trigger}.{name}": table
+            for trigger, tables in embeddings_by_trigger(embeddings, special_params).items()
+            for name, table in tables.items()}
+
+
+def bundled_embeddings(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The inverse of :func:`split_embeddings_by_trigger`: ``({"clip_l", "clip_g"}, special_params)`` from a kohya
+    file's ``bundle_emb.<trigger>.clip_l/.clip_g`` keys, tokens numbered ``<s0>…`` in the file's trigger order;
+    ``({}, {})`` when it bundles none."""
+    tables: dict[str, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        if not key.startswith(BUNDLE_EMB_PREFIX):
+            continue
+        trigger, _, name = key[len(BUNDLE_EMB_PREFIX):].partition(".")
+        if name not in ("clip_l", "clip_g") or value.dim() != 2:
+            raise LoraFormatError(f"bundled embedding {key!r} is not bundle_emb.<trigger>.clip_l/clip_g of shape "
+                                  "[tokens, width]")
+        tables.setdefault(trigger, {})[name] = value
+    embeddings: dict[str, list[Tensor]] = {"clip_l": [], "clip_g": []}
+    special_params: dict[str, str] = {}
+    next_row = 0
+    for trigger, pair in tables.items():
+        if set(pair) != {"clip_l", "clip_g"} or pair["clip_l"].shape[0] != pair["clip_g"].shape[0]:
+            raise LoraFormatError(f"bundled embedding of {trigger!r} needs clip_l and clip_g with the same row count")
+        count = pair["clip_l"].shape[0]
+        special_params[trigger] = "".join(f"<s{i}>" for i in range(next_row, next_row + count))
+        next_row += count
+        for name in embeddings:
+            embeddings[name].append(pair[name])
+    if not special_params:
+        return {}, {}
+    return {name: torch.cat(rows) for name, rows in embeddings.items()}, special_params
+
+
+@dataclass(frozen=True)
+class LoraFile:
+    """A bare LoRA file read into the predictor's terms: the UNet LoRA, bundled embeddings, trigger words."""
+
+    lora: PeftLora
+    embeddings: dict[str, Tensor]
+    special_params: dict[str, str]
+
+
+_TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
+
+
+def read_lora_file(tensors: dict[str, Tensor], metadata: dict[str, str] | None,
+                   layout: UNetLayout = SDXL_UNET_LAYOUT) -> LoraFile:
+    """A bare SDXL LoRA ``.safetensors`` in kohya layout (SGM or diffusers-style names, optional ``bundle_emb``)
+    or in diffusers layout (``unet.…lora_A/lora_B``, optional ``lora_adapter_metadata``).
+
+    Text-encoder LoRA layers are refused (the predictor adapts the UNet only), as is anything else it cannot
+    apply exactly: one-line :class:`LoraFormatError`s naming a key.
+    """
+    if not tensors:
+        raise LoraFormatError("the file holds no tensors")
+    text_encoder = sorted(k for k in tensors if k.startswith(_TEXT_ENCODER_PREFIXES))
+    if text_encoder:
+        raise LoraFormatError(f"{len(text_encoder)} keys adapt a text encoder (e.g. {text_encoder[0]!r}); only UNet "
+                              "LoRAs are supported")
+    if all(k.startswith((KOHYA_PREFIX, BUNDLE_EMB_PREFIX)) for k in tensors):
+        embeddings, special_params = bundled_embeddings(tensors)
+        return LoraFile(kohya_to_peft(tensors, layout), embeddings, special_params)
+    if all(k.startswith(DIFFUSERS_UNET_PREFIX) for k in tensors):
+        return LoraFile(diffusers_file_to_peft(tensors, metadata), {}, {})
+    unknown = sorted(k for k in tensors if not k.startswith((KOHYA_PREFIX, BUNDLE_EMB_PREFIX, DIFFUSERS_UNET_PREFIX)))
+    raise LoraFormatError(f"key {(unknown or sorted(tensors))[0]!r} is neither kohya (lora_unet_…) nor diffusers "
+                          "(unet.…) LoRA layout, or the file mixes both")
 
 
 def token_indices(tokens: str) -> list[int]:

@@ -1,7 +1,8 @@
 """Trained-weights sources fetched into an on-disk LRU cache.
 
-A source is an http(s) URL, a ``data:`` URI, or a local tar or folder. :meth:`WeightsCache.ensure` resolves it to an
-extracted folder under ``<cache>/<sha256(source)[:16]>``. Downloads are streamed, resumed with HTTP ``Range`` after a
+A source is an http(s) URL, a ``data:`` URI, or a local tar or folder, or a bare LoRA ``.safetensors`` file (what
+civitai and the Hugging Face hub serve) by URL or path. :meth:`WeightsCache.ensure` resolves it to an extracted folder
+under ``<cache>/<sha256(source)[:16]>`` (a bare file is kept there as ``BARE_LORA``). Downloads are streamed, resumed with HTTP ``Range`` after a
 dropped connection, checked against the announced size (and refused when the server sends an HTML page), bounded in
 time as a whole (``download_deadline_s``: a server trickling bytes cannot hold a prediction), and extracted with
 :func:`safe_archive.safe_extract`. Least recently used entries are evicted when free disk falls under a floor or the
@@ -43,6 +44,7 @@ COG_SDXL_EMBEDDINGS = "embeddings.pti"
 FULL_UNET = "unet.safetensors"  # full fine-tunes before single-file checkpoints
 FULL_CHECKPOINT = "sdxl_checkpoint.safetensors"  # a full fine-tune as a single-file SGM checkpoint
 SPECIAL_PARAMS = "special_params.json"
+BARE_LORA = "bare_lora.safetensors"  # a bare .safetensors LoRA source, as its cache entry holds it
 UNET_WEIGHT_FILES = (OUR_LORA, COG_SDXL_LORA, FULL_CHECKPOINT, FULL_UNET)
 
 
@@ -115,6 +117,15 @@ def cache_key(source: str) -> str:
         stat = path.stat()
         source = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
     return hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts like a safetensors file: an 8-byte little-endian header length that fits in the file,
+    then the header's ``{``."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and 8 + int.from_bytes(head[:8], "little") <= size and head[8:9] == b"{"
 
 
 def decode_data_uri(uri: str, dest: Path, max_bytes: int) -> None:
@@ -346,12 +357,18 @@ class WeightsCache:
             archive = self._fetch(source, staging)
             extracted = staging / "extracted"
             self.make_room(archive.stat().st_size)
-            try:
-                safe_extract(archive, extracted, self._limits(), declared="tar")
-            except ArchiveError as error:
-                raise WeightsError(f"{redact(source)}: not a valid trained-weights tar ({error})") from None
-            archive.unlink()
-            folder = weights_folder(extracted, redact(source))
+            if is_safetensors(archive):
+                extracted.mkdir()
+                os.rename(archive, extracted / BARE_LORA)
+                folder = extracted
+            else:
+                try:
+                    safe_extract(archive, extracted, self._limits(), declared="tar")
+                except ArchiveError as error:
+                    raise WeightsError(f"{redact(source)}: not a valid trained-weights tar ({error}), nor a "
+                                       ".safetensors LoRA") from None
+                archive.unlink()
+                folder = weights_folder(extracted, redact(source))
             self.make_room(_folder_bytes(folder))  # a compressed tar extracts to more than it weighed
             entry = self.root / key
             os.rename(folder, entry)

@@ -42,6 +42,7 @@ from pti.dataset.text import CaptionAugmentation, PromptTokenizer, encode_prompt
 from pti.dataset.token_embeddings import TokenEmbeddingsHandler
 from pti.dataset.triggers import TriggerWord, all_new_tokens, contains_trigger, parse_token_string, replace_trigger_words, special_params
 from pti.training.failures import check_finite, out_of_memory
+from pti.formats.export import SAVE_PRECISIONS
 from pti.formats.lora_formats import UNetLayout
 from pti.training.losses import compute_snr, masked_mse_per_sample, min_snr_weights, offset_noise, pyramid_noise
 from pti.training.optim import SCHEDULERS, ParamGroup, ProdigySettings, build_optimizer, build_scheduler, check_optimizer_available
@@ -123,6 +124,7 @@ class TrainingSettings:
     validation_prompts: tuple[str, ...] = ("a photo of TOK",)
     validation_num_inference_steps: int = 25
     name: str = "trained_model"
+    save_precision: str = "fp16"  # the weight files' dtype: fp16, bf16 or fp32 (formats.export.SAVE_PRECISIONS)
     show_progress: bool = True
 
     def validate(self) -> None:
@@ -160,6 +162,9 @@ class TrainingSettings:
             raise SettingsError(f"max_grad_norm must be positive (or unset), got {self.max_grad_norm}")
         if not self.lora_target_modules:
             raise SettingsError("lora_target_modules is empty; e.g. to_q,to_k,to_v,to_out.0")
+        if self.save_precision not in SAVE_PRECISIONS:
+            raise SettingsError(f"save_precision must be one of {', '.join(SAVE_PRECISIONS)}; "
+                                f"got {self.save_precision!r}")
         if self.lr_scheduler not in SCHEDULERS:
             raise SettingsError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}; got {self.lr_scheduler!r}")
         if (self.class_data_dir is None) != (self.class_prompt is None):
@@ -785,18 +790,21 @@ class Trainer:
             embeddings=self.embeddings.embeddings(), special_params=special_params(self.plan.triggers),
             training_config=config, name=s.name, unet_layout=UNetLayout.from_unet_config(self.unet.config),
             full_checkpoint_state=None if s.is_lora else self._full_checkpoint_state(),
+            save_precision=s.save_precision,
         )
 
     def _full_checkpoint_state(self) -> dict[str, torch.Tensor]:
         """A full fine-tune as one SGM-layout SDXL file: the trained UNet with the base VAE and text encoders (their
-        token tables cut back to the base vocabulary; the new tokens are in the embeddings file), in fp16."""
+        token tables cut back to the base vocabulary; the new tokens are in the embeddings file), in the save
+        precision."""
         from pti.formats.sgm_checkpoint import SdxlShape, sgm_state
 
         pipe = self.pipe
         return sgm_state(unet=self.unet.state_dict(), vae=pipe.vae.state_dict(),
                          text_encoder=pipe.text_encoder.state_dict(), text_encoder_2=pipe.text_encoder_2.state_dict(),
                          shape=SdxlShape.from_configs(self.unet.config, pipe.vae.config),
-                         vocab_rows=tuple(int(ids.min()) for ids in self.embeddings.token_ids))
+                         vocab_rows=tuple(int(ids.min()) for ids in self.embeddings.token_ids),
+                         dtype=SAVE_PRECISIONS[self.settings.save_precision])
 
     def _write_steps_contact_sheet(self) -> None:
         """``steps/contact_sheet.png``: a row of samples per saved step and one for the final weights."""
