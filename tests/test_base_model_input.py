@@ -93,9 +93,10 @@ def test_the_tar_records_the_base_file(from_file, tiny_file):
     sha = hashlib.sha256(tiny_file.read_bytes()).hexdigest()
     config = json.loads((from_file / "training_config.json").read_text())
     assert config["base_model_source"] == {"name": "tiny_sdxl.safetensors", "url": None, "sha256": sha}
-    with safe_open(str(from_file / "trained_model.safetensors"), "pt") as handle:
-        meta = handle.metadata()
-    assert meta["ss_sd_model_name"] == "tiny_sdxl.safetensors" and meta["ss_new_sd_model_hash"] == sha
+    for kohya_file in ("trained_model.safetensors", "trained_model_kohya.safetensors"):
+        with safe_open(str(from_file / kohya_file), "pt") as handle:
+            meta = handle.metadata()
+        assert meta["ss_sd_model_name"] == "tiny_sdxl.safetensors" and meta["ss_new_sd_model_hash"] == sha
     assert "tiny_sdxl.safetensors" in (from_file / "README.md").read_text()
 
 
