@@ -51,8 +51,10 @@ def assert_back_to_base(pipe, exported) -> None:
 
 def train_fake_adapter(pipe, name: str, use_dora: bool) -> dict[str, torch.Tensor]:
     """A real PEFT adapter on the UNet with random non-zero lora_B (what training leaves)."""
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="gaussian",
-                                     use_dora=use_dora), adapter_name=name)
+    with torch.random.fork_rng(devices=[]):  # lora_A's gaussian init draws from the global RNG: the same each run
+        torch.manual_seed(0)
+        pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="gaussian",
+                                         use_dora=use_dora), adapter_name=name)
     pipe.unet.set_adapter(name)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -192,9 +194,17 @@ def test_save_precision_writes_half_size_weights_that_still_load(pipe, exported,
             assert value.dtype == (torch.float32 if key.endswith(".alpha") else dtype), (path.name, key)
     fp32_bytes = (exported["out"] / "pytorch_lora_weights.safetensors").stat().st_size
     assert (tmp_path / "pytorch_lora_weights.safetensors").stat().st_size < 0.6 * fp32_bytes
+    written = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(written["unet." + k], v.to(dtype)) for k, v in exported["state"].items())  # a cast
     loaded = render_with_lora(pipe, tmp_path)  # the fp32 pipeline upcasts the half-precision LoRA
-    # bf16 keeps 8 bits of mantissa: the LoRA's effect (tenths) moves by ~1e-3 of itself, far under 0.02
-    np.testing.assert_allclose(loaded, exported["trained"], atol=0.02)
+    # Against the trained image itself no tolerance holds: this fake LoRA moves pixels by up to 0.8, and 2 denoising
+    # steps of the tiny UNet turn bf16's rounding into image errors from 0.005 to 0.1 depending on the draw
+    # (measured over 12 seeds). What must hold is that the file applies exactly the rounded weights.
+    rounded = tmp_path / "rounded"
+    export.write_weight_files(rounded, unet_lora_state={k: v.to(dtype).float() for k, v in exported["state"].items()},
+                              lora_alpha=8, embeddings=embeddings, special_params=SPECIAL, training_config=CONFIG,
+                              unet_layout=exported["layout"], name="my_lora", save_precision="fp32")
+    assert_images_close(loaded, render_with_lora(pipe, rounded), "the half-precision file is its weights")
     assert not np.allclose(loaded, exported["base"], atol=1e-2)
     assert_back_to_base(pipe, exported)
 
