@@ -87,6 +87,30 @@ def _scalar_value(name: str, primitive: PrimitiveType, text: str) -> Any:
     return text  # str, int, float, Secret: Cog's normalisation converts and checks the text
 
 
+def _union_value(name: str, variants: list, texts: list[str]) -> Any:
+    """A `str | list[str]` or `float | list[float]` input: one `-i` gives the single value, repeated `-i` the list."""
+    def repeated(variant) -> bool:
+        return variant.repetition in (Repetition.REPEATED, Repetition.OPTIONAL_REPEATED)
+
+    single = next((v for v in variants if not repeated(v)), None)
+    listed = next((v for v in variants if repeated(v)), None)
+    if len(texts) > 1 or single is None:
+        if listed is None:
+            raise InputError(f"{name}: given {len(texts)} times but takes one value")
+        return [_union_member(name, listed.primitive, text) for text in texts]
+    return _union_member(name, single.primitive, texts[0])
+
+
+def _union_member(name: str, primitive: PrimitiveType, text: str) -> Any:
+    """A union member's value, typed here (Cog's union normalisation does not convert text to numbers)."""
+    if primitive in (PrimitiveType.FLOAT, PrimitiveType.INTEGER):
+        try:
+            return float(text) if primitive is PrimitiveType.FLOAT else int(text)
+        except ValueError:
+            raise InputError(f"{name}: expected a number, got {text!r}") from None
+    return _scalar_value(name, primitive, text)
+
+
 def typed_values(raw: dict[str, list[str]], inputs: dict[str, InputField]) -> dict[str, Any]:
     """Turn command-line strings into the JSON-like values a request body would carry."""
     unknown = sorted(set(raw) - set(inputs))
@@ -95,6 +119,9 @@ def typed_values(raw: dict[str, list[str]], inputs: dict[str, InputField]) -> di
     values: dict[str, Any] = {}
     for name, texts in raw.items():
         field_type = inputs[name].type
+        if field_type.union_variants is not None:
+            values[name] = _union_value(name, field_type.union_variants, texts)
+            continue
         is_list = field_type.repetition in (Repetition.REPEATED, Repetition.OPTIONAL_REPEATED)
         if len(texts) > 1 and not is_list:
             raise InputError(f"{name}: given {len(texts)} times but takes one value")
@@ -190,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     # Cog 0.23 asks models to move from BasePredictor.predict() to BaseRunner.run(); that is the model's business.
     warnings.filterwarnings("ignore", message=".* is deprecated; use ", category=DeprecationWarning)
 
+    # Local use: a text input naming a local file (`-i replicate_weights=@out/trained_model.tar`) passes its path.
+    os.environ.setdefault("WEIGHTS_ALLOW_LOCAL_PATHS", "1")
     try:
         kwargs = validated_inputs(parse_assignments(args.input), input_fields(args.mode, args.project))
     except InputError as exc:

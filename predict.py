@@ -22,12 +22,11 @@ from pti.inference.generation import (
     SCHEDULERS,
     GenerationRequest,
     ModelSettings,
-    check_prompt_length,
     generate_files,
     load_models,
     validate_request,
 )
-from weights_manager import WeightsManager, WeightsSettings
+from weights_manager import WeightsChoice, WeightsManager, WeightsSettings, extra_lora_choices
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ class Predictor(BasePredictor):
         self.default_weights = weights_source(weights)
         self.outputs_root = Path(tempfile.mkdtemp(prefix="predict-outputs-"))
         if self.default_weights:
-            self.weights.use(self.default_weights, lora_scale=0.6)
+            self.weights.use_all([WeightsChoice(self.default_weights, 0.6, "default weights", trusted=True)])
         logger.info("setup took %.1fs", time.perf_counter() - started)
 
     def predict(
@@ -99,10 +98,19 @@ class Predictor(BasePredictor):
             default=True,
         ),
         lora_scale: float = Input(
-            description="LoRA additive scale. Only applicable on trained models.", ge=0.0, le=1.0, default=0.6
+            description="LoRA additive scale. Only applicable on trained models.", ge=0.0, le=2.0, default=0.6
         ),
         replicate_weights: Optional[str] = Input(
-            description="Replicate LoRA weights to use. Leave blank to use the default weights.", default=None
+            description="Replicate LoRA weights to use: the URL (or data: URI) of a trained tar, a cog-sdxl tar or a "
+            "kohya/diffusers .safetensors LoRA. Leave blank to use the default weights.", default=None
+        ),
+        extra_lora: Optional[Union[str, list[str]]] = Input(
+            description="More LoRAs beside replicate_weights, each any kind replicate_weights takes: one URL or a "
+            "list of them. Their trigger words work too.", default=None
+        ),
+        extra_lora_scale: Union[float, list[float]] = Input(
+            description="Scale of the extra LoRAs, 0 to 2: one number for all, or a list with one per extra_lora",
+            default=1.0,
         ),
         disable_safety_checker: bool = Input(
             description="Disable safety checker for generated images. This feature is only available through the "
@@ -131,10 +139,13 @@ class Predictor(BasePredictor):
             disable_safety_checker=disable_safety_checker, output_format=output_format, output_quality=output_quality,
         )
         validate_request(request, self.models.settings)
-        self.weights.use(replicate_weights or self.default_weights, lora_scale)
+        choices = extra_lora_choices(extra_lora, extra_lora_scale)
+        if replicate_weights:
+            choices.insert(0, WeightsChoice(replicate_weights, lora_scale, "replicate_weights"))
+        elif self.default_weights:
+            choices.insert(0, WeightsChoice(self.default_weights, lora_scale, "default weights", trusted=True))
+        self.weights.use_all(choices)
         expanded = self.weights.expand_prompt(prompt)
-        check_prompt_length(expanded, self.weights.tokenizers())
-        check_prompt_length(negative_prompt, self.weights.tokenizers(), "negative_prompt")
         paths = generate_files(self.models, request, expanded, self._fresh_output_dir())
         self.record_metric("num_outputs", num_outputs)
         self.record_metric("width", width)

@@ -4,7 +4,8 @@
   (``lora.safetensors`` with attention-processor keys, ``embeddings.pti``), or a bare kohya/diffusers LoRA file
   (embeddings and trigger words from its ``bundle_emb`` keys, if any), into one :class:`TrainedWeights`.
 * :class:`LiveWeights` keeps a bounded set of PEFT adapters loaded in the UNet by name and swaps the new-token
-  embeddings with them. Only one adapter is active at a time; without weights the pipeline is the clean base
+  embeddings with them. The adapters a request names are active together, each at its own scale (PEFT adapter
+  weights), each set's new tokens under its own names; without weights the pipeline is the clean base
   (adapters disabled, tokenizers without the new tokens), so it produces exactly what a fresh process does. A
   load that fails or is cancelled half-way is rolled back to the base.
 * :class:`WeightsManager` ties them to the on-disk cache (:mod:`weights_cache`) for the predictor.
@@ -122,6 +123,9 @@ def _read_bare_lora(path: Path, label: str, layout: UNetLayout) -> TrainedWeight
         read = lora_formats.read_lora_file(tensors, metadata, layout)
     except LoraFormatError as error:
         raise WeightsError(f"{label}: {error}") from None
+    if read.skipped_text_encoder_keys:
+        logger.warning("%s: %d text-encoder LoRA keys skipped (only the UNet part applies)", label,
+                       read.skipped_text_encoder_keys)
     return TrainedWeights(read.lora, None, read.embeddings, read.special_params)
 
 
@@ -229,16 +233,29 @@ def expand_triggers(prompt: str, special_params: dict[str, str]) -> tuple[str, b
     return prompt, found
 
 
-class TokenTables:
-    """The new tokens ``<s0>…<sN>`` of the active weights: tokenizers that know them, embedding rows behind them.
+def token_names(prefix: str, count: int) -> list[str]:
+    """The new tokens of one active set of weights: ``<s0>…`` for ``replicate_weights``, ``<x0s0>…`` for
+    ``extra_lora[0]``, and so on, so two trained models never share a token."""
+    return [f"<{prefix}s{i}>" for i in range(count)]
 
-    The base tokenizers are never changed; an extended copy per token count is swapped onto the pipelines while
-    trained weights are active. The text encoders' embedding tables grow once (rows appended, existing rows
-    untouched), and the active weights' vectors are written into the appended rows. The base tokenizers never
-    produce those ids, so the base model's outputs do not depend on them.
+
+def renamed_special_params(special_params: dict[str, str], prefix: str) -> dict[str, str]:
+    """``{"TOK": "<s0><s1>"}`` with its tokens in the ``prefix`` namespace (``{"TOK": "<x0s0><x0s1>"}``)."""
+    return {trigger: re.sub(r"<s(\d+)>", lambda m: f"<{prefix}s{m.group(1)}>", tokens)
+            for trigger, tokens in special_params.items()}
+
+
+class TokenTables:
+    """The new tokens of the active weights: tokenizers that know them, embedding rows behind them.
+
+    The base tokenizers are never changed; an extended copy per set of token names is swapped onto the pipelines
+    while trained weights are active. The text encoders' embedding tables grow as needed (rows appended, existing
+    rows untouched), and the active weights' vectors are written into the appended rows, one set after the other.
+    The base tokenizers never produce those ids, so the base model's outputs do not depend on them.
     """
 
     ENCODER_NAMES = (("tokenizer", "text_encoder", "clip_l"), ("tokenizer_2", "text_encoder_2", "clip_g"))
+    KEPT_TOKENIZERS = 8  # extended tokenizer copies kept for reuse (one per combination of token names)
 
     def __init__(self, pipelines: Sequence):
         self.pipelines = list(pipelines)
@@ -246,7 +263,7 @@ class TokenTables:
         self.base_tokenizers = {tok: getattr(base, tok) for tok, _, _ in self.ENCODER_NAMES}
         self.encoders = {key: getattr(base, enc) for _, enc, key in self.ENCODER_NAMES}
         self.base_vocab = {tok: len(t) for tok, t in self.base_tokenizers.items()}
-        self._extended: dict[int, dict[str, object]] = {}
+        self._extended: OrderedDict[tuple[str, ...], dict[str, object]] = OrderedDict()
 
     def check(self, embeddings: dict[str, Tensor], label: str) -> None:
         """Refuse embeddings whose width is not this base model's."""
@@ -256,17 +273,20 @@ class TokenTables:
                 raise WeightsError(f"{label}: {key} embeddings have shape {list(table.shape)} but this base model's "
                                    f"text encoder has width {width} (weights trained for another base model?)")
 
-    def activate(self, embeddings: dict[str, Tensor]) -> None:
-        n = next(iter(embeddings.values())).shape[0] if embeddings else 0
-        if n == 0:
+    def activate(self, sets: Sequence[tuple[Sequence[str], dict[str, Tensor]]]) -> None:
+        """Make each (token names, embeddings) set known, rows in the order given."""
+        names = tuple(name for tokens, _ in sets for name in tokens)
+        if not names:
             self.deactivate()
             return
         for tok, _, key in self.ENCODER_NAMES:
-            weight = self._grown(key, self.base_vocab[tok] + n).weight
-            start = self.base_vocab[tok]
+            weight = self._grown(key, self.base_vocab[tok] + len(names)).weight
+            row = self.base_vocab[tok]
             with torch.no_grad():
-                weight[start:start + n] = embeddings[key].to(device=weight.device, dtype=weight.dtype)
-        self._set_tokenizers(self._extended_tokenizers(n))
+                for tokens, embeddings in sets:
+                    weight[row:row + len(tokens)] = embeddings[key].to(device=weight.device, dtype=weight.dtype)
+                    row += len(tokens)
+        self._set_tokenizers(self._extended_tokenizers(names))
 
     def deactivate(self) -> None:
         self._set_tokenizers(self.base_tokenizers)
@@ -285,19 +305,21 @@ class TokenTables:
         encoder.config.vocab_size = rows
         return grown
 
-    def _extended_tokenizers(self, n: int) -> dict[str, object]:
-        if n not in self._extended:
-            tokens = [f"<s{i}>" for i in range(n)]
+    def _extended_tokenizers(self, names: tuple[str, ...]) -> dict[str, object]:
+        if names not in self._extended:
             extended = {}
             for name, base in self.base_tokenizers.items():
                 tokenizer = copy.deepcopy(base)
-                tokenizer.add_tokens(tokens, special_tokens=True)
-                ids = tokenizer.convert_tokens_to_ids(tokens)
-                if ids != list(range(self.base_vocab[name], self.base_vocab[name] + n)):
+                tokenizer.add_tokens(list(names), special_tokens=True)
+                ids = tokenizer.convert_tokens_to_ids(list(names))
+                if ids != list(range(self.base_vocab[name], self.base_vocab[name] + len(names))):
                     raise RuntimeError(f"{name}: new tokens got ids {ids}, expected them after the base vocabulary")
                 extended[name] = tokenizer
-            self._extended[n] = extended
-        return self._extended[n]
+            self._extended[names] = extended
+            while len(self._extended) > self.KEPT_TOKENIZERS:
+                self._extended.popitem(last=False)
+        self._extended.move_to_end(names)
+        return self._extended[names]
 
     def _set_tokenizers(self, tokenizers: dict[str, object]) -> None:
         for pipe in self.pipelines:
@@ -360,13 +382,27 @@ class FullUnetPatch:
         self._applied.clear()
 
 
+@dataclass(frozen=True)
+class Activation:
+    """One set of weights to make active: its cache key, how to read it on a miss, its LoRA scale, its label for
+    messages, and the namespace of its new tokens (see :func:`token_names`)."""
+
+    key: str
+    read: Callable[[], TrainedWeights]
+    scale: float
+    label: str
+    token_prefix: str = ""
+
+
 class LiveWeights:
     """Switches trained weights on the pipelines (the first one owns the UNet; all share the text encoders).
 
-    ``activate(key, read, lora_scale)`` makes ``key`` the active weights, reading them with ``read()`` only when
-    their adapter is not already loaded; ``deactivate()`` returns to the clean base. At most
-    ``max_loaded`` adapters stay loaded, least recently used evicted. Any exception (or cancellation) during a
-    switch leaves the pipelines on the base model, with no half-loaded adapter.
+    ``activate([Activation, ...])`` makes those weights active together: their LoRAs combined through PEFT's
+    adapter weighting (each at its own scale), at most one set of full UNet weights under them, and every set's
+    new tokens under its own names. Weights whose adapter is already loaded are not read again. ``deactivate()``
+    returns to the clean base. At most ``max_loaded`` adapters stay loaded (more only while one request needs
+    them), least recently used evicted. Any exception (or cancellation) during a switch leaves the pipelines on the
+    base model, with no half-loaded adapter.
     """
 
     def __init__(self, pipelines: Sequence, max_loaded: int):
@@ -376,13 +412,14 @@ class LiveWeights:
         self.full_unet = FullUnetPatch(self.unet)
         self.max_loaded = max(1, max_loaded)
         self.loaded: OrderedDict[str, _Loaded] = OrderedDict()
-        self.active: str | None = None
+        self.active: tuple[str, ...] | None = None
+        self.current: str | None = None  # the key being switched to when a switch fails
         self._consistent = True
         self._lora_enabled = False  # whether the UNet's LoRA layers are switched on (tracked: toggling walks it)
 
-    def activate(self, key: str, read: Callable[[], TrainedWeights], lora_scale: float, label: str) -> TrainedWeights:
-        self._switch(lambda: self._activate(key, read, lora_scale, label))
-        return self.loaded[key].weights
+    def activate(self, items: Sequence[Activation]) -> list[TrainedWeights]:
+        self._switch(lambda: self._activate(items))
+        return [self.loaded[item.key].weights for item in items]
 
     def deactivate(self) -> None:
         self._switch(self._disable_lora)
@@ -424,46 +461,60 @@ class LiveWeights:
             self.unet.disable_lora()
             self._lora_enabled = False
 
-    def _enable_lora(self, adapter: str, scale: float) -> None:
+    def _enable_lora(self, adapters: list[str], scales: list[float]) -> None:
         # Each of these walks every UNet module, so only what changes is done.
-        self.unet.set_adapters([adapter], weights=[scale])
+        self.unet.set_adapters(adapters, weights=scales)
         if not self._lora_enabled:
             self.unet.enable_lora()
             self._lora_enabled = True
 
-    def _activate(self, key: str, read: Callable[[], TrainedWeights], lora_scale: float, label: str) -> None:
-        entry = self.loaded.get(key)
-        if entry is None:
-            entry = self._load(key, read(), label)
-        self.loaded.move_to_end(key)
-        weights = entry.weights
-        if entry.adapter is not None:
-            self._enable_lora(entry.adapter, lora_scale)
+    def _activate(self, items: Sequence[Activation]) -> None:
+        needed = {item.key for item in items}
+        entries = []
+        for item in items:
+            self.current = item.key
+            entry = self.loaded.get(item.key)
+            if entry is None:
+                entry = self._load(item.key, item.read(), item.label, needed)
+            self.loaded.move_to_end(item.key)
+            entries.append(entry)
+        full = [(item, entry) for item, entry in zip(items, entries) if entry.adapter is None]
+        if len(full) > 1:
+            raise WeightsError(f"{full[1][0].label}: full UNet weights, and {full[0][0].label} are full UNet weights "
+                               f"too; one set of full weights at a time (add LoRAs beside it)")
+        lora = [(entry.adapter, item.scale) for item, entry in zip(items, entries) if entry.adapter is not None]
+        if lora:
+            self._enable_lora([adapter for adapter, _ in lora], [scale for _, scale in lora])
         else:
             self._disable_lora()
-            self.full_unet.apply(weights.unet_full)
-        self.tokens.activate(weights.embeddings)
-        self.active = key
+        if full:
+            self.full_unet.apply(full[0][1].weights.unet_full)
+        self.tokens.activate([(token_names(item.token_prefix, len(entry.weights.tokens)), entry.weights.embeddings)
+                              for item, entry in zip(items, entries) if entry.weights.embeddings])
+        self.current = None
+        self.active = tuple(item.key for item in items)
 
-    def _load(self, key: str, weights: TrainedWeights, label: str) -> _Loaded:
+    def _load(self, key: str, weights: TrainedWeights, label: str, keep: set[str]) -> _Loaded:
         self.tokens.check(weights.embeddings, label)
         if weights.unet_full is not None:
             self.full_unet.check(weights.unet_full, label)
-            for other in [k for k, e in self.loaded.items() if e.adapter is None]:
+            for other in [k for k, e in self.loaded.items() if e.adapter is None and k not in keep]:
                 del self.loaded[other]  # a whole UNet is large: keep one such set of weights in memory
             entry = _Loaded(None, weights)
         else:
             self._check_lora(weights.lora, label)
-            self._evict_to(self.max_loaded - 1)
+            self._evict_to(self.max_loaded - 1, keep)
             adapter = f"w{key}"
             self._load_adapter(adapter, weights.lora, label)
             entry = _Loaded(adapter, TrainedWeights(None, None, weights.embeddings, weights.special_params))
         self.loaded[key] = entry
         return entry
 
-    def _evict_to(self, count: int) -> None:
-        while len(self.loaded) > count:
-            _, entry = self.loaded.popitem(last=False)
+    def _evict_to(self, count: int, keep: set[str] = frozenset()) -> None:
+        for key in [k for k in self.loaded if k not in keep]:
+            if len(self.loaded) <= count:
+                return
+            entry = self.loaded.pop(key)
             if entry.adapter is not None:
                 self.unet.delete_adapters(entry.adapter)
 
@@ -501,79 +552,182 @@ class LiveWeights:
 
 
 @dataclass(frozen=True)
+class WeightsChoice:
+    """One set of weights a request asks for: the source, its LoRA scale, and the input that named it."""
+
+    source: str
+    scale: float
+    field: str = "replicate_weights"
+    trusted: bool = False  # named by the operator (the default weights), not by a request: local paths allowed
+
+
+MAX_LORA_SCALE = 2.0
+
+
+def extra_lora_choices(extra_lora: str | Sequence[str] | None,
+                       extra_lora_scale: float | Sequence[float]) -> list[WeightsChoice]:
+    """The ``extra_lora`` / ``extra_lora_scale`` inputs as choices (one scale for all, or one per LoRA); a
+    one-line :class:`WeightsError` naming the input otherwise."""
+    if extra_lora is None:
+        sources: list[str] = []
+    elif isinstance(extra_lora, str):
+        sources = [extra_lora]
+    else:
+        sources = list(extra_lora)
+    sources = [source.strip() for source in sources if source.strip()]
+    scales = [extra_lora_scale] if isinstance(extra_lora_scale, (int, float)) else list(extra_lora_scale)
+    if not sources:
+        return []
+    if len(scales) == 1:
+        scales = scales * len(sources)
+    if len(scales) != len(sources):
+        raise WeightsError(f"extra_lora_scale has {len(scales)} scales for {len(sources)} extra_lora; give one "
+                           f"for all or one per LoRA")
+    for index, scale in enumerate(scales):
+        if not 0 <= scale <= MAX_LORA_SCALE:
+            raise WeightsError(f"extra_lora_scale[{index}]={scale} is outside 0..{MAX_LORA_SCALE:g}")
+    return [WeightsChoice(source, float(scale), f"extra_lora[{index}]")
+            for index, (source, scale) in enumerate(zip(sources, scales))]
+
+
+def _split_step(choice: WeightsChoice) -> tuple[str, int | None]:
+    """``choice``'s source without its ``#step=<n>`` suffix, and the step (None without one)."""
+    try:
+        return steps.split_step(choice.source)
+    except steps.StepSelectionError as error:
+        raise WeightsError(f"{choice.field}: {redact(choice.source.rsplit('#step=', 1)[0])}: {error}") from None
+
+
+@dataclass(frozen=True)
 class ActiveWeights:
     key: str
     label: str
-    special_params: dict[str, str]
+    field: str
+    special_params: dict[str, str]  # trigger word -> this set's tokens, in its own namespace
     is_lora: bool
 
 
 class WeightsManager:
-    """What the predictor calls: ``use(source, lora_scale)`` before generating, then ``expand_prompt(prompt)``."""
+    """What the predictor calls: ``use(source, lora_scale, extras)`` before generating, then
+    ``expand_prompt(prompt)``."""
 
     def __init__(self, pipelines: Sequence, settings: WeightsSettings):
         self.settings = settings
         self.cache = WeightsCache(settings)
         self.live = LiveWeights(pipelines, settings.max_loaded_adapters)
-        self.active: ActiveWeights | None = None
+        self.layout = lora_formats.UNetLayout.from_unet_config(self.live.unet.config)
+        self.active: tuple[ActiveWeights, ...] | None = None
         self._warned_missing_trigger: set[str] = set()
         self._lock = threading.Lock()
 
-    def use(self, source: str | None, lora_scale: float) -> ActiveWeights | None:
-        """Make ``source`` (URL, data: URI, tar or folder path, optionally ending in ``#step=<n>`` for a saved
-        intermediate step; None for the base model) the active weights."""
+    def use(self, source: str | None, lora_scale: float, extras: Sequence[tuple[str, float]] = (),
+            trusted: bool = False) -> tuple[ActiveWeights, ...] | None:
+        """Make ``source`` (``replicate_weights``: URL, data: URI, or where enabled a tar or folder path; None for
+        none) and each ``(source, scale)`` of ``extras`` (``extra_lora[i]``) the active weights together. Any source
+        may end in ``#step=<n>`` to name a saved intermediate step of its tar."""
+        choices = [WeightsChoice(source, lora_scale, "replicate_weights", trusted)] if source else []
+        choices += [WeightsChoice(extra, scale, f"extra_lora[{i}]") for i, (extra, scale) in enumerate(extras)]
+        return self.use_all(choices)
+
+    def use_all(self, choices: Sequence[WeightsChoice]) -> tuple[ActiveWeights, ...] | None:
         with self._lock:
             self.active = None
             self.cache.pinned.clear()
-            if not source:
+            if not choices:
                 self.live.deactivate()
                 return None
-            try:
-                source, step = steps.split_step(source)
-            except steps.StepSelectionError as error:
-                raise WeightsError(f"{redact(source.rsplit('#step=', 1)[0])}: {error}") from None
-            label = redact(source) + ("" if step is None else f"#step={step}")
-            key = self._key(source)
-            live_key = key if step is None else f"{key}s{step}"  # one download, one adapter per step
+            if len(choices) > self.settings.max_loaded_adapters:
+                raise WeightsError(f"{choices[-1].field}: {len(choices)} sets of weights at once; this predictor "
+                                   f"takes at most {self.settings.max_loaded_adapters} (WEIGHTS_MAX_LOADED_ADAPTERS)")
+            items, labels, folder_keys = [], {}, {}
+            for choice in choices:
+                source, step = _split_step(choice)
+                folder_key = self._key(choice, source)
+                key = folder_key if step is None else f"{folder_key}s{step}"  # one download, one adapter per step
+                if key in labels:
+                    raise WeightsError(f"{choice.field}: the same weights as {labels[key]}; give each set once "
+                                       f"(its scale can go up to 2)")
+                labels[key] = choice.field
+                folder_keys[key] = folder_key
+                label = f"{choice.field} {redact(source)}" + ("" if step is None else f"#step={step}")
+                items.append(Activation(key, lambda c=choice, s=source, n=step, lab=label: self._read(c, s, n, lab),
+                                        choice.scale, label, self._token_prefix(choice)))
+                self.cache.pinned.add(folder_key)
             started = time.perf_counter()
-            self.cache.pinned.add(key)
             try:
-                weights = self.live.activate(live_key, lambda: self._read(source, label, step), lora_scale, label)
+                loaded = self.live.activate(items)
             except StepNotSaved:
                 raise  # the tar is fine: keep it for the steps it has
             except WeightsError:
-                self.cache.discard(key)  # weights that cannot be used would only fail again: free their room
+                failed = self.live.current
+                if failed is not None and failed not in self.live.loaded:
+                    self.cache.discard(folder_keys[failed])  # weights that cannot be used would only fail again
                 raise
-            logger.info("weights %s active after %.3fs", label, time.perf_counter() - started)
-            self.active = ActiveWeights(live_key, label, dict(weights.special_params), weights.unet_full is None)
+            self.active = tuple(
+                ActiveWeights(item.key, item.label, choice.field,
+                              renamed_special_params(weights.special_params, item.token_prefix),
+                              weights.unet_full is None)
+                for item, choice, weights in zip(items, choices, loaded))
+            logger.info("weights %s active after %.3fs", ", ".join(i.label for i in items),
+                        time.perf_counter() - started)
             return self.active
 
-    def _key(self, source: str) -> str:
+    @staticmethod
+    def _token_prefix(choice: WeightsChoice) -> str:
+        match = re.fullmatch(r"extra_lora\[(\d+)\]", choice.field)
+        return f"x{match.group(1)}" if match else ""
+
+    def _key(self, choice: WeightsChoice, source: str) -> str:
+        """The cache key of ``source`` (``choice``'s source without its ``#step=`` suffix)."""
         if source_kind(source) == "path":
+            if not (self.settings.allow_local_paths or choice.trusted):
+                raise WeightsError(f"{choice.field}: local paths are not accepted here; give an http(s) URL or a "
+                                   f"data: URI")
             path = Path(source).expanduser()
             if not path.exists():
-                raise WeightsError(f"{source}: no such file or folder")
+                raise WeightsError(f"{choice.field}: {source}: no such file or folder")
             if path.is_dir():
                 return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
         return cache_key(source)
 
-    def _read(self, source: str, label: str, step: int | None = None) -> TrainedWeights:
-        folder = self.cache.ensure(source)
+    def _read(self, choice: WeightsChoice, source: str, step: int | None, label: str) -> TrainedWeights:
+        try:
+            folder = self.cache.ensure(source, allow_path=self.settings.allow_local_paths or choice.trusted)
+        except WeightsError as error:
+            raise WeightsError(f"{choice.field}: {error}") from None
         log_base_mismatch(folder, label, served_base_name())
-        layout = UNetLayout.from_unet_config(self.live.unet.config)
         return read_trained_weights(folder if step is None else step_weights_folder(folder, step, label), label,
-                                    layout)
+                                    self.layout)
+
+    def trigger_map(self) -> dict[str, str]:
+        """Each trigger word of the active weights → the tokens it expands to (every set's own tokens, in request
+        order, when several sets share a trigger word)."""
+        merged: dict[str, str] = {}
+        for active in self.active or ():
+            for trigger, tokens in active.special_params.items():
+                merged[trigger] = merged.get(trigger, "") + tokens
+        return merged
+
+    def describe_triggers(self) -> str:
+        """Which trigger word expands to which tokens of which weights, for the log."""
+        return "; ".join(f"{trigger} -> {tokens} ({active.label})" for active in self.active or ()
+                         for trigger, tokens in active.special_params.items())
 
     def expand_prompt(self, prompt: str) -> str:
         """The prompt with the active weights' trigger words replaced by their tokens (warns once per weights when
-        the prompt has none of them)."""
-        if self.active is None or not self.active.special_params:
+        the prompt has none of their trigger words)."""
+        if not self.active:
             return prompt
-        expanded, found = expand_triggers(prompt, self.active.special_params)
-        if not found and self.active.key not in self._warned_missing_trigger:
-            self._warned_missing_trigger.add(self.active.key)
-            logger.warning("prompt has none of the trigger words %s of %s; the trained concept may not show",
-                           ", ".join(self.active.special_params), self.active.label)
+        expanded, _ = expand_triggers(prompt, self.trigger_map())
+        for active in self.active:
+            if not active.special_params or active.key in self._warned_missing_trigger:
+                continue
+            if not expand_triggers(prompt, active.special_params)[1]:
+                self._warned_missing_trigger.add(active.key)
+                logger.warning("prompt has none of the trigger words %s of %s; the trained concept may not show",
+                               ", ".join(active.special_params), active.label)
+        if expanded != prompt:
+            logger.info("trigger words: %s", self.describe_triggers())
         return expanded
 
     def tokenizers(self) -> list:

@@ -133,6 +133,7 @@ def configure_environment(settings: CheckSettings, base_model_dir: str) -> None:
     for name in ("SDXL_REFINER_MODEL", "SAFETY_CHECKER_MODEL", "FEATURE_EXTRACTOR_MODEL"):
         os.environ[name] = "tiny"  # the refiner loads only if asked for; the tiny safety checker needs no download
     os.environ["WEIGHTS_CACHE_DIR"] = str(settings.work / "weights-cache")
+    os.environ["WEIGHTS_ALLOW_LOCAL_PATHS"] = "1"  # the check loads its tars by path
     os.environ.pop("COG_SDXL_CHECKPOINT_DIR", None)
 
 

@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("COG_SDXL_CACHE", str(ROOT / ".cache"))
 os.environ.setdefault("SDXL_MODEL", "tiny")
+os.environ.setdefault("WEIGHTS_ALLOW_LOCAL_PATHS", "1")  # the benchmark loads its tars by path
 
 import torch  # noqa: E402
 

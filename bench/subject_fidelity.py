@@ -30,6 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("COG_SDXL_CACHE", str(ROOT / ".cache"))
 os.environ["SDXL_MODEL"] = "mini-world"
+os.environ.setdefault("WEIGHTS_ALLOW_LOCAL_PATHS", "1")  # trained tars by path (local use)
 
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("COG_SDXL_CACHE", str(ROOT / ".cache"))
 os.environ["SDXL_MODEL"] = "mini-world"
+os.environ.setdefault("WEIGHTS_ALLOW_LOCAL_PATHS", "1")  # trained tars by path (local use)
 
 from PIL import Image, ImageDraw  # noqa: E402
 

@@ -284,6 +284,8 @@ def _resolve(prop: dict[str, Any], components: dict[str, Any]) -> dict[str, Any]
 
 
 def _type_label(prop: dict[str, Any]) -> str:
+    if "anyOf" in prop:
+        return " or ".join(_type_label(member) for member in prop["anyOf"])
     if prop.get("type") == "array":
         return f"list of {_type_label(prop['items'])}"
     if prop.get("format") == "uri":

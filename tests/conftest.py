@@ -11,6 +11,9 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("COG_SDXL_CACHE", str(ROOT / ".cache"))
 os.environ.setdefault("SDXL_MODEL", "tiny")
+# Tests are local use: replicate_weights may name a local tar or folder (a hosted predictor refuses them; the Cog
+# server tests turn this off to check that).
+os.environ.setdefault("WEIGHTS_ALLOW_LOCAL_PATHS", "1")
 # One torch thread by default (PTI_TEST_THREADS=2 runs on two): the tiny models are too small to gain from more,
 # and the subprocesses the tests start inherit the same count. Set before torch is imported anywhere.
 # MKL_CBWR is deliberately left alone: no test relies on bit-identical renders (see tests/exactness.py), and the

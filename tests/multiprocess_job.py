@@ -3,9 +3,18 @@ reference). Each process writes ``<probe_dir>/rank<N>.json`` with
 
 * ``digests``: after every optimizer step, a SHA-256 of its trainable state (new-token rows and LoRA weights);
 * ``writes``: every file-system write it made under the artifact and checkpoint folders, caught by a Python
-  audit hook (``open`` for writing, ``os.mkdir``, ``os.rename``/``os.replace``, ``tempfile.mkdtemp`` …).
+  audit hook (``open`` for writing, ``os.mkdir``, ``os.rename``/``os.replace``, ``tempfile.mkdtemp`` …);
+* ``loss_history``: the loss of every optimizer step (averaged over the processes);
 
-    torchrun --standalone --nproc_per_node 2 tests/multiprocess_job.py DATASET OUTPUT_DIR PROBE_DIR
+and ``<probe_dir>/initial-rank<N>.safetensors`` and ``final-rank<N>.safetensors``: its trainable state before
+the first step and after the last.
+
+    torchrun --standalone --nproc_per_node 2 tests/multiprocess_job.py DATASET CLASS_IMAGES OUTPUT_DIR PROBE_DIR \
+        BATCH_SIZE
+
+Every per-sample random draw is switched on (flips, caption dropout, offset and pyramid noise, and prior
+preservation with the class images given), so that the two process layouts of test_multiprocess.py agree only if
+each draw is keyed by the sample, not by the process.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("COG_SDXL_CACHE", str(ROOT / ".cache"))
 
 import torch  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
 
 from pti.training.step_hooks import StepHooks  # noqa: E402
 from pti.training.trainer import Trainer, TrainingSettings  # noqa: E402
@@ -61,37 +71,47 @@ class DigestAfterEachStep(StepHooks):
 
     def step_done(self, step: int, pivoted: bool) -> None:
         digest = hashlib.sha256()
-        for name, tensor in sorted(self.trainer.embeddings.embeddings().items()):
+        for name, tensor in sorted(trainable_state(self.trainer).items()):
             digest.update(name.encode() + tensor.numpy().tobytes())
-        for name, param in sorted(self.trainer.unet.named_parameters()):
-            if "lora_" in name:
-                digest.update(name.encode() + param.detach().float().cpu().numpy().tobytes())
         self.digests.append(digest.hexdigest())
 
 
-def main(dataset: Path, output_dir: Path, probe_dir: Path) -> None:
+def trainable_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    """The new-token rows (``embeddings.<encoder>``) and the LoRA weights (``unet.<parameter>``), on the CPU."""
+    state = {f"embeddings.{name}": tensor.detach().cpu().clone()
+             for name, tensor in trainer.embeddings.embeddings().items()}
+    state.update({f"unet.{name}": param.detach().float().cpu().clone()
+                  for name, param in trainer.unet.named_parameters() if "lora_" in name})
+    return state
+
+
+def main(dataset: Path, class_images: Path, output_dir: Path, probe_dir: Path, batch_size: int) -> None:
     checkpoint_dir = output_dir.with_name(output_dir.name + "-checkpoints")
     recorder = WriteRecorder([output_dir, checkpoint_dir])
     sys.addaudithook(recorder)
     settings = TrainingSettings(
         dataset_dir=dataset, output_dir=output_dir, checkpoint_dir=checkpoint_dir, base_model="tiny",
-        precision="fp32", device="cpu", resolution=64, train_batch_size=1, max_train_steps=4, ti_frac=0.5,
-        lora_rank=4, ti_lr=1e-2, lora_lr=1e-2, lr_warmup_steps=0, checkpointing_steps=2,
+        precision="fp32", device="cpu", resolution=64, train_batch_size=batch_size, max_train_steps=4, ti_frac=0.5,
+        lora_rank=4, ti_lr=1e-2, lora_lr=1e-2, lr_warmup_steps=0, checkpointing_steps=2, flip_augmentation=True,
+        caption_dropout=0.25, noise_offset=0.05, pyramid_noise_iterations=1, class_data_dir=class_images,
+        class_prompt="a photo of a thing",
         validation_num_inference_steps=2, caption_prefix="a photo of TOK", show_progress=False,
         seed=7 + int(os.environ.get("RANK", "0")),  # differs per process, as train.py's random default seed would
     )
     trainer = Trainer.create(settings)
+    probe_dir.mkdir(parents=True, exist_ok=True)
+    save_file(trainable_state(trainer), str(probe_dir / f"initial-rank{trainer.accelerator.process_index}.safetensors"))
     hooks = DigestAfterEachStep(trainer)
     trainer.step_hooks = hooks
     trainer.run()
-    trainer.export()
     rank = trainer.accelerator.process_index
+    save_file(trainable_state(trainer), str(probe_dir / f"final-rank{rank}.safetensors"))
+    trainer.export()
     report = {"rank": rank, "num_processes": trainer.accelerator.num_processes,
               "backend": torch.distributed.get_backend() if torch.distributed.is_initialized() else None,
-              "digests": hooks.digests, "writes": recorder.writes}
-    probe_dir.mkdir(parents=True, exist_ok=True)
+              "digests": hooks.digests, "writes": recorder.writes, "loss_history": trainer.loss_history}
     (probe_dir / f"rank{rank}.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":
-    main(*(Path(arg) for arg in sys.argv[1:4]))
+    main(*(Path(arg) for arg in sys.argv[1:5]), int(sys.argv[5]))

@@ -61,7 +61,8 @@ def files(work, photos_zip):
 
 @pytest.fixture(scope="module")
 def servers(work):
-    env = {"SDXL_MODEL": "tiny", "HF_HUB_OFFLINE": "1", "WEIGHTS_CACHE_DIR": str(work / "weights-cache")}
+    env = {"SDXL_MODEL": "tiny", "HF_HUB_OFFLINE": "1", "WEIGHTS_CACHE_DIR": str(work / "weights-cache"),
+           "WEIGHTS_ALLOW_LOCAL_PATHS": ""}  # as hosted: local paths in replicate_weights are refused
     started = {mode: CogServer(ROOT, mode, env, work / f"{mode}-server.log").start() for mode in ("train", "predict")}
     try:
         with ThreadPoolExecutor(2) as pool:
@@ -131,6 +132,9 @@ INVALID = [
     ("predict", "guidance_scale", 1000, "greater than the maximum"),
     ("predict", "scheduler", "NO_SUCH_SCHEDULER", "is not one of"),
     ("predict", "num_outputs", 0, "less than the minimum"),
+    ("predict", "lora_scale", 2.5, "greater than the maximum"),
+    ("predict", "extra_lora_scale", "strong", "is not valid under any of the schemas"),
+    ("predict", "extra_lora", 7, "is not valid under any of the schemas"),
     ("train", "max_train_steps", "many", "is not of type"),
     ("train", "resolution", 512.5, "is not of type"),
     ("train", "lora_rank", 0, "less than the minimum"),
@@ -163,6 +167,54 @@ def test_a_corrupt_archive_fails_that_training_only(servers, work):
     result = response.json()
     assert result["status"] == "failed"
     assert len(result["error"].splitlines()) == 1 and re.search(r"archive|zip|tar", result["error"], re.I)
+
+
+def _failure(server: CogServer, **inputs) -> str:
+    response = server.post("/predictions", {"input": {**PREDICT_INPUTS, **inputs}})
+    assert response.status_code == 200, response.text
+    result = response.json()
+    assert result["status"] == "failed", result
+    assert len(result["error"].splitlines()) == 1, result["error"]
+    return result["error"].rpartition("Error: ")[2]  # coglet prefixes "Prediction failed: …: WeightsError: "
+
+
+@pytest.fixture(scope="module")
+def bare_lora(trained_tar) -> Path:
+    """The trained tar's LoRA as a lone diffusers .safetensors file, its up weights negated (another LoRA)."""
+    import safetensors.torch
+
+    with tarfile.open(trained_tar) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("pytorch_lora_weights.safetensors"))
+        state = safetensors.torch.load(tar.extractfile(member).read())
+    path = trained_tar.parent / "other_lora.safetensors"
+    safetensors.torch.save_file({k: -v if "lora_B" in k else v for k, v in state.items()}, path)
+    return path
+
+
+def test_extra_loras_as_one_url_or_a_list_with_their_scales(servers, files, trained_tar, bare_lora):
+    server = servers["predict"]
+    tuned = _predict(server, replicate_weights=files.url(trained_tar.name))[0]
+    one = _predict(server, replicate_weights=files.url(trained_tar.name), extra_lora=files.url(bare_lora.name),
+                   extra_lora_scale=0.8)[0]
+    listed = _predict(server, replicate_weights=files.url(trained_tar.name), extra_lora=[files.url(bare_lora.name)],
+                      extra_lora_scale=[0.8])[0]
+    assert images_differ(one, tuned)
+    assert np.array_equal(one, listed), "a one-item list is the single value"
+    error = _failure(server, extra_lora=[files.url(bare_lora.name)] * 2, extra_lora_scale=[0.5])
+    assert error == "extra_lora[1]: the same weights as extra_lora[0]; give each set once (its scale can go up to 2)"
+
+
+def test_what_cog_predict_sends_for_at_file_works_and_local_paths_are_refused(servers, trained_tar):
+    """`cog predict -i replicate_weights=@trained_model.tar` reads the file and sends it as a data: URL (Cog's CLI,
+    pkg/predict/input.go: an `@` value becomes a File input, materialised with fileToDataURL), whatever the input's
+    type; a hosted predictor refuses local paths without saying whether they exist."""
+    server = servers["predict"]
+    by_url = _predict(server, replicate_weights=data_uri(trained_tar, "application/x-tar"))[0]
+    assert by_url.shape == (64, 64, 3)
+    refusal = "replicate_weights: local paths are not accepted here; give an http(s) URL or a data: URI"
+    assert _failure(server, replicate_weights=str(trained_tar)) == refusal
+    assert _failure(server, replicate_weights="/no/such/weights.tar") == refusal
+    assert _failure(server, extra_lora=[str(trained_tar)]) == refusal.replace("replicate_weights", "extra_lora[0]")
 
 
 def test_servers_stay_healthy_after_bad_requests(servers):

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import os
+import shutil
 import tarfile
 import zipfile
 from pathlib import Path
@@ -67,10 +69,10 @@ def predictor(tmp_path_factory):
         os.environ["WEIGHTS_CACHE_DIR"] = previous
 
 
-def image(predictor, weights: str) -> np.ndarray:
+def image(predictor, weights: str | None, **inputs) -> np.ndarray:
     defaults = {name: p.default.default for name, p in inspect.signature(type(predictor).predict).parameters.items()
                 if name != "self"}
-    (path,) = predictor.predict(**{**defaults, **FAST, "replicate_weights": weights})
+    (path,) = predictor.predict(**{**defaults, **FAST, "replicate_weights": weights, **inputs})
     return np.array(Image.open(path))
 
 
@@ -132,3 +134,27 @@ def test_a_step_not_in_the_tar_is_a_one_line_error_and_the_tar_stays_usable(pred
         image(predictor, f"{trained_tar}{suffix}")
     assert message in str(error.value) and "\n" not in str(error.value)
     image(predictor, f"{trained_tar}#step=2")
+
+
+def test_an_extra_lora_loads_the_step_its_suffix_names(predictor, trained_tar, unpacked, tmp_path, caplog):
+    step4 = image(predictor, None, extra_lora=f"{trained_tar}#step=4")
+    assert_images_close(step4, image(predictor, str(unpacked / "steps" / "000004")), "extra_lora step 4 by suffix")
+    assert images_differ(step4, image(predictor, None, extra_lora=f"{trained_tar}#step=2"))
+    # Two steps of one tar in one request: one download (the one pinned cache entry), an adapter per step.
+    image(predictor, f"{trained_tar}#step=2", extra_lora=f"{trained_tar}#step=4")
+    active = predictor.weights.active
+    assert [a.label for a in active] == [f"replicate_weights {trained_tar}#step=2",
+                                         f"extra_lora[0] {trained_tar}#step=4"]
+    assert active[0].key != active[1].key and len(predictor.weights.cache.pinned) == 1
+    # Each set's base is checked: a step of a folder recorded as trained on another base is named in the log.
+    other_base = tmp_path / "other-base"
+    shutil.copytree(unpacked, other_base)
+    config = json.loads((other_base / "training_config.json").read_text())
+    config["base_model_source"] = {"name": "other_sdxl.safetensors", "url": None, "sha256": None}
+    (other_base / "training_config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="weights_manager"):
+        image(predictor, f"{trained_tar}#step=2", extra_lora=f"{other_base}#step=4")
+    mismatches = [r.getMessage() for r in caplog.records if "trained on base model" in r.getMessage()]
+    assert len(mismatches) == 1
+    assert mismatches[0].startswith(f"weights extra_lora[0] {other_base}#step=4 were trained on base model "
+                                    f"other_sdxl.safetensors")

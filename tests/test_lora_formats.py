@@ -194,14 +194,54 @@ def test_bundled_embeddings_read_back_as_rows_and_trigger_words():
         lf.bundled_embeddings({"bundle_emb.TOK.clip_l": emb["clip_l"]})
 
 
-def test_read_lora_file_tells_kohya_from_diffusers_and_refuses_text_encoder_layers():
+def same_lora(read: lf.PeftLora, expected: lf.PeftLora) -> bool:
+    return (read.alphas == expected.alphas and read.state.keys() == expected.state.keys()
+            and all(torch.equal(read.state[k], v) for k, v in expected.state.items()))
+
+
+def test_read_lora_file_reads_every_bare_layout_to_the_same_lora():
+    modules = [m for m in SOME_SDXL_MODULES if ".attn" in m]
+    lora = lf.peft_lora(random_peft_state(modules), 4.0)  # alpha = rank: scale 1, as cog-sdxl and old diffusers
+    kohya = lf.peft_to_kohya(lora)
+    tensors, metadata = lf.peft_to_diffusers_file(lora)
+    old_diffusers = {k.replace(".lora_A.weight", ".lora.down.weight").replace(".lora_B.weight", ".lora.up.weight"): v
+                     for k, v in tensors.items()}
+    cog = lf.peft_to_cog_sdxl_lora(lora)
+    layouts = {"kohya": (kohya, None), "diffusers": (tensors, metadata), "diffusers, no metadata": (tensors, None),
+               "old diffusers names": (old_diffusers, None), "cog-sdxl": (cog, None),
+               "cog-sdxl with unet.": ({"unet." + k: v for k, v in cog.items()}, None)}
+    for name, (file, meta) in layouts.items():
+        read = lf.read_lora_file(file, meta)
+        assert same_lora(read.lora, lora), name
+        assert (read.embeddings, read.special_params, read.skipped_text_encoder_keys) == ({}, {}, 0), name
+
+
+def test_read_lora_file_skips_text_encoder_layers_and_counts_them():
+    lora = lf.peft_lora(random_peft_state(SOME_SDXL_MODULES[:2]), 8.0)
+    text_encoder = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8),
+                    "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4),
+                    "lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(4.0)}
+    bundle = lf.split_embeddings_by_trigger({"clip_l": torch.ones(2, 768), "clip_g": torch.ones(2, 1280)},
+                                            {"TOK": "<s0><s1>"})
+    read = lf.read_lora_file({**lf.peft_to_kohya(lora), **bundle, **text_encoder}, None)
+    assert same_lora(read.lora, lora) and read.skipped_text_encoder_keys == 3
+    assert read.special_params == {"TOK": "<s0><s1>"}
+    tensors, metadata = lf.peft_to_diffusers_file(lora)
+    peft_text_encoder = {"text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(4, 8)}
+    read = lf.read_lora_file({**tensors, **peft_text_encoder}, metadata)
+    assert same_lora(read.lora, lora) and read.skipped_text_encoder_keys == 1
+
+
+def test_read_lora_file_refuses_what_it_cannot_apply_in_one_line():
     lora = lf.peft_lora(random_peft_state(SOME_SDXL_MODULES[:2]), 8.0)
     kohya = lf.peft_to_kohya(lora)
-    assert lf.read_lora_file(kohya, None).lora.alphas == lora.alphas
-    tensors, metadata = lf.peft_to_diffusers_file(lora)
-    assert lf.read_lora_file(tensors, metadata).lora.alphas == lora.alphas
-    text_encoder = {**kohya, "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 1)}
-    for bad, message in ((text_encoder, "text encoder"), ({**kohya, **tensors}, "mixes both"), ({}, "no tensors")):
+    tensors, _ = lf.peft_to_diffusers_file(lora)
+    layer = next(k for k in kohya if k.endswith(".alpha")).removesuffix(".alpha")
+    text_encoder_only = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 1)}
+    for bad, message in (({**kohya, layer + ".dora_scale": torch.ones(1, 8)}, "dora_scale"),
+                         ({**kohya, **tensors}, "mixes them"), ({}, "no tensors"),
+                         (text_encoder_only, "all 1 keys adapt a text encoder"),
+                         ({"model.diffusion_model.input_blocks.0.0.weight": torch.ones(1)}, "neither kohya")):
         with pytest.raises(lf.LoraFormatError, match=message) as err:
             lf.read_lora_file(bad, None)
         assert "\n" not in str(err.value)

@@ -66,10 +66,10 @@ REFERENCES = textwrap.dedent("""
     from predict import Predictor
     sources, args, out = json.loads(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3]
     defaults = {{k: p.default.default for k, p in inspect.signature(Predictor.predict).parameters.items() if k != "self"}}
-    for name, weights in sources.items():
+    for name, (weights, extras) in sources.items():
         predictor = Predictor()
         predictor.setup(weights)
-        (path,) = predictor.predict(**{{**defaults, **args}})
+        (path,) = predictor.predict(**{{**defaults, **args, **extras}})
         np.save(f"{{out}}/{{name}}.npy", np.array(Image.open(path)))
 """)
 
@@ -121,7 +121,10 @@ def server(tars):
 def references(tars, tmp_path_factory):
     """Reference images per weights, computed in a separate process started now (collected on first use)."""
     out = tmp_path_factory.mktemp("references")
-    sources = {"none": None, **{name: str(tars[name]) for name in ("a", "b", "c", "cog")}}
+    sources = {"none": (None, {}), **{name: (str(tars[name]), {}) for name in ("a", "b", "c", "cog")}}
+    sources.update({name: (str(tars[weights]), dict(extra_lora=[str(tars[e]) for e in extras],
+                                                    extra_lora_scale=list(scales)))
+                    for name, (weights, extras, scales) in MULTI_LORA.items()})
     env = {**os.environ, "WEIGHTS_CACHE_DIR": str(out / "cache")}
     script = REFERENCES.format(root=str(ROOT), threads=TORCH_THREADS)
     process = subprocess.Popen([sys.executable, "-c", script, json.dumps(sources),
@@ -142,6 +145,11 @@ def references(tars, tmp_path_factory):
         process.wait()
 
 
+# Several LoRAs at once: reference name -> (replicate_weights, extra_lora, extra_lora_scale); at most
+# MAX_LOADED_ADAPTERS sets per request.
+MULTI_LORA = {"a+b": ("a", ("b",), (0.5,)), "c+cog": ("c", ("cog",), (1.2,))}
+
+
 @dataclass(frozen=True)
 class Request:
     kind: str  # good | bad | cancel
@@ -149,6 +157,8 @@ class Request:
     source: str | None
     reference: str | None = None  # for good requests: which reference image it must equal
     message: str | None = None  # for bad requests: the refusal it must get (a regular expression)
+    extra_lora: tuple[str, ...] = ()
+    extra_lora_scale: tuple[float, ...] = (1.0,)
 
 
 def good_sources(tars: dict[str, Path], server: MisbehavingServer) -> list[Request]:
@@ -158,7 +168,11 @@ def good_sources(tars: dict[str, Path], server: MisbehavingServer) -> list[Reque
             Request("good", "b by URL", server.url("files/" + tars["b"].name), "b"),
             Request("good", "b by URL, dropped once and resumed", server.url("drop-once/" + tars["b"].name), "b"),
             Request("good", "c by data: URI", data_uri(tars["c"]), "c"),
-            Request("good", "cog-sdxl layout by path", str(tars["cog"]), "cog")]
+            Request("good", "cog-sdxl layout by path", str(tars["cog"]), "cog"),
+            Request("good", "a by path + b by URL at 0.5", str(tars["a"]), "a+b",
+                    extra_lora=(server.url("files/" + tars["b"].name),), extra_lora_scale=(0.5,)),
+            Request("good", "c by data: URI + cog-sdxl by path at 1.2", data_uri(tars["c"]), "c+cog",
+                    extra_lora=(str(tars["cog"]),), extra_lora_scale=(1.2,))]
 
 
 def bad_sources(tars: dict[str, Path], server: MisbehavingServer) -> list[Request]:
@@ -178,7 +192,12 @@ def bad_sources(tars: dict[str, Path], server: MisbehavingServer) -> list[Reques
                   Request("bad", "bad data: URI", "data:application/x-tar;base64,@@not base64@@",
                           message="payload is not valid base64"),
                   Request("bad", "missing path", str(tars["a"].parent / "missing.tar"),
-                          message="no such file or folder")]
+                          message="no such file or folder"),
+                  Request("bad", "a + an extra LoRA that is not there", str(tars["a"]),
+                          message=r"^extra_lora\[0\]: .*HTTP 404", extra_lora=(server.url("files/missing.tar"),)),
+                  Request("bad", "more weights than the predictor loads at once", str(tars["a"]),
+                          message=r"^extra_lora\[1\]: 3 sets of weights at once",
+                          extra_lora=(str(tars["b"]), str(tars["c"])))]
     return requests_
 
 
@@ -227,13 +246,15 @@ class Soak:
 
         self.cache.make_room = make_room_keeping_pinned
 
-    def predict(self, source: str | None) -> np.ndarray:
-        (path,) = self.predictor.predict(**{**PREDICT_DEFAULTS, **FAST, "replicate_weights": source})
+    def predict(self, source: str | None, request: Request | None = None) -> np.ndarray:
+        extras = dict(extra_lora=list(request.extra_lora), extra_lora_scale=list(request.extra_lora_scale)) \
+            if request is not None and request.extra_lora else {}
+        (path,) = self.predictor.predict(**{**PREDICT_DEFAULTS, **FAST, "replicate_weights": source, **extras})
         return np.array(Image.open(path))
 
     def run(self, request: Request) -> None:
         if request.kind == "good":
-            self.images.append((request.name, request.reference, self.predict(request.source)))
+            self.images.append((request.name, request.reference, self.predict(request.source, request)))
             self.outcomes["good: image returned"] += 1
         elif request.kind == "bad":
             self._expect_refusal(request)
@@ -242,9 +263,9 @@ class Soak:
         self.check_invariants()
 
     def _expect_refusal(self, request: Request) -> None:
-        key = _key_or_none(request.source)
+        key = _key_or_none(request.extra_lora[-1] if request.extra_lora else request.source)  # the refused one
         with pytest.raises(ValueError, match=request.message) as error:
-            self.predict(request.source)
+            self.predict(request.source, request)
         message = str(error.value)
         assert "\n" not in message and len(message) < 400, f"{request.name}: {message!r}"
         assert key is None or not (self.cache.root / key).exists(), f"{request.name} left a cache entry"

@@ -40,6 +40,9 @@ STEPS = 8
 CHECKPOINT_EVERY = 2
 CRASH_STEP = 4  # the crash-in-save run dies inside the save of this checkpoint
 KILL_STEP = 5  # the SIGKILLed run dies right after this step: between checkpoints 4 and 6, so it resumes from 4
+# The interrupted runs' schedule: linear warmup over steps 1-3, cosine decay over 4-8. The crashed run resumes from
+# checkpoint 2, inside the warmup; the killed one from checkpoint 4, inside the decay.
+SCHEDULE = {"lr_scheduler": "cosine", "lr_warmup_steps": 3}
 WEIGHT_FILES = ("pytorch_lora_weights.safetensors", "embeddings.safetensors")
 
 
@@ -52,6 +55,11 @@ def run_settings(dataset: Path, output_dir: Path, **overrides) -> dict:
     return {"dataset_dir": str(dataset), "output_dir": str(output_dir), "precision": "fp32", "device": "cpu",
             "seed": 5, "resolution": 64, "train_batch_size": 1, "max_train_steps": STEPS, "lora_rank": 4,
             "checkpointing_steps": CHECKPOINT_EVERY, "validation_prompts": [], "show_progress": False, **overrides}
+
+
+def resume_settings(dataset: Path, output_dir: Path, **overrides) -> dict:
+    """The settings of the interrupted, resumed and reference runs: run_settings with the warmup + cosine schedule."""
+    return run_settings(dataset, output_dir, **SCHEDULE, **overrides)
 
 
 def in_process_settings(values: dict) -> trainer.TrainingSettings:
@@ -117,24 +125,24 @@ def interrupted_and_reference(dataset, tmp_path_factory):
     from its last checkpoint (only what is on disk carries over either way)."""
     root = tmp_path_factory.mktemp("runs")
     kill_step = KILL_STEP
-    killed = DriverRun(run_settings(dataset, root / "killed" / "trained_model"), kill_at_step=kill_step).start()
-    crashed = DriverRun(run_settings(dataset, root / "crashed" / "trained_model",
-                                     checkpoint_dir=str(root / "crashed" / "checkpoints")),
+    killed = DriverRun(resume_settings(dataset, root / "killed" / "trained_model"), kill_at_step=kill_step).start()
+    crashed = DriverRun(resume_settings(dataset, root / "crashed" / "trained_model",
+                                        checkpoint_dir=str(root / "crashed" / "checkpoints")),
                         crash_in_checkpoint=(CRASH_STEP, 1)).start()
     reference = root / "reference" / "trained_model"
     torch.manual_seed(12345)  # whatever state this process's RNG is in, the seed alone decides the run
-    trainer.train_model(in_process_settings(run_settings(dataset, reference)))
+    trainer.train_model(in_process_settings(resume_settings(dataset, reference)))
     killed_status, crashed_status = killed.wait(), crashed.wait()
     assert killed_status == -signal.SIGKILL, f"the run was to be killed at step {kill_step}: {killed.stderr[-2000:]}"
     assert crashed_status == -signal.SIGKILL, crashed.stderr[-2000:]
     survivors = sorted(p.name for p in (root / "crashed" / "checkpoints").iterdir())
     last_checkpoint = checkpoints.latest_checkpoint(root / "crashed" / "checkpoints")
-    resumed = DriverRun(run_settings(dataset, root / "killed" / "trained_model",
-                                     resume_from=str(root / "killed" / "trained_model"))).start()
+    resumed = DriverRun(resume_settings(dataset, root / "killed" / "trained_model",
+                                        resume_from=str(root / "killed" / "trained_model"))).start()
     torch.manual_seed(54321)
-    trainer.train_model(in_process_settings(run_settings(dataset, root / "crashed" / "trained_model",
-                                                         checkpoint_dir=str(root / "crashed" / "checkpoints"),
-                                                         resume_from=str(last_checkpoint))))
+    trainer.train_model(in_process_settings(resume_settings(dataset, root / "crashed" / "trained_model",
+                                                            checkpoint_dir=str(root / "crashed" / "checkpoints"),
+                                                            resume_from=str(last_checkpoint))))
     assert resumed.wait() == 0, resumed.stderr[-3000:]
     return {"root": root, "reference": reference, "kill_step": kill_step, "killed": killed, "resumed": resumed,
             "crashed_survivors": survivors, "crashed_last": last_checkpoint}
@@ -162,6 +170,17 @@ def test_a_crash_between_the_tensor_writes_of_a_checkpoint_leaves_no_wrong_check
     assert_same_weights(saved.trainable, expected.trainable)
     assert_same_weights(saved.embeddings, expected.embeddings)
     assert_same_weights(weights(runs["root"] / "crashed" / "trained_model"), weights(runs["reference"]))
+
+
+def test_the_resume_points_lie_in_the_warmup_and_in_the_cosine_decay(interrupted_and_reference):
+    """The equal weights above mean the schedule went on across warmup and decay: the learning rate the reference
+    run saved at each checkpoint rises through the warmup (checkpoint 2, where the crashed run resumed) and falls in
+    the decay (checkpoint 4, where the killed run resumed, and 6)."""
+    folder = interrupted_and_reference["reference"].with_name("trained_model-checkpoints")
+    rates = {step: checkpoints.load_checkpoint(folder / f"checkpoint-{step}").scheduler_state["_last_lr"]
+             for step in (2, 4, 6)}
+    assert rates[2] < rates[4] and rates[4] > rates[6]
+    assert interrupted_and_reference["crashed_last"].name == "checkpoint-2"
 
 
 def test_resumed_run_trained_after_the_checkpoint(interrupted_and_reference):

@@ -41,9 +41,9 @@ def run(tmp_path_factory):
     class_batches = []
     real_loss = Trainer._loss
 
-    def recording_loss(self, batch, generator):
+    def recording_loss(self, batch):
         class_batches.append(batch["class"]["latents"].shape[0] if "class" in batch else 0)
-        return real_loss(self, batch, generator)
+        return real_loss(self, batch)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(Trainer, "_loss", recording_loss)

@@ -1,5 +1,6 @@
-"""Pivotal tuning on the tiny SDXL: only new rows change, LoRA trains, the model learns, resume is exact, the text
-encoders rest after the pivot, bad settings fail fast, and train() returns the tar."""
+"""Pivotal tuning on the tiny SDXL: only new rows change, LoRA trains, the model learns, resume is exact (across a
+warmup and a cosine decay), the text encoders rest after the pivot, bad settings fail fast, and train() returns the
+tar."""
 
 import json
 import math
@@ -13,14 +14,18 @@ from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 
 from pti.models import base_model
+from pti.training.step_hooks import StepHooks
 from pti.training.trainer import SettingsError, Trainer, TrainingSettings, _epoch_batches, plan_training
 from training_fixtures import SIZE, single_torch_thread, write_dataset_folder, write_plain_folder
 
 CAPTIONS = ["a photo of TOK", "TOK sitting on a table", "a close up photo of TOK", "TOK in the forest"]
 BROAD_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
                  "conv2", "conv_in", "conv_out")
-# Measured with this test's settings (seed 7, 40 steps): loss 1.287 before, 0.556 after (ratio 0.431). Required: < 0.7.
+# Measured with this test's settings (seed 7, 40 steps): loss 1.287 before, 0.571 after (ratio 0.443). Required: < 0.7.
 LEARNING_MAX_RATIO = 0.7
+# The main run's schedule: linear warmup over steps 1-4, then cosine decay over 5-8. Its checkpoint 3 lies inside
+# the warmup, so the resumed run has to go on with the warmup, then the decay, where the first run left off.
+SCHEDULE = dict(lr_scheduler="cosine", lr_warmup_steps=4)
 
 
 def make_settings(dataset: Path, output: Path, **overrides) -> TrainingSettings:
@@ -32,6 +37,17 @@ def make_settings(dataset: Path, output: Path, **overrides) -> TrainingSettings:
 
 
 one_thread = pytest.fixture(scope="module", autouse=True)(single_torch_thread)
+
+
+class LearningRates(StepHooks):
+    """Every group's learning rate after each optimizer step (the rates the next step will use)."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.after_step: dict[int, list[float]] = {}
+
+    def step_done(self, step: int, pivoted: bool) -> None:
+        self.after_step[step] = list(self.trainer.lr_scheduler.get_last_lr())
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +64,13 @@ def base_tables():
 
 @pytest.fixture(scope="module")
 def main_run(dataset, tmp_path_factory):
-    """8 steps, pivot after 4, checkpoints every 3, LoRA dropout + flips + caption dropout (so resume must restore
-    the RNG), text-encoder calls recorded with the optimizer step they happened at."""
+    """8 steps, pivot after 4, checkpoints every 3, warmup then cosine, LoRA dropout + flips + caption dropout (so
+    resume must restore the RNG), text-encoder calls recorded with the optimizer step they happened at."""
     output = tmp_path_factory.mktemp("main") / "out"
     settings = make_settings(dataset, output, checkpointing_steps=3, lora_dropout=0.1, flip_augmentation=True,
-                             caption_dropout=0.25)
+                             caption_dropout=0.25, **SCHEDULE)
     trainer = Trainer.create(settings)
+    trainer.step_hooks = LearningRates(trainer)
     initial_rows = [table[ids].detach().clone() for table, ids in zip(trainer.embeddings.tables(),
                                                                         trainer.embeddings.token_ids)]
     calls = {0: [], 1: []}
@@ -124,8 +141,13 @@ def test_resume_from_a_checkpoint_reaches_the_same_weights(main_run, dataset, tm
     assert checkpoint.is_dir() and (trainer.checkpoint_dir / "checkpoint-6").is_dir()
     assert not list(trainer.checkpoint_dir.glob(".*"))  # no staging leftovers
     resumed = Trainer.create(make_settings(dataset, tmp_path / "out", checkpointing_steps=3, lora_dropout=0.1,
-                                           flip_augmentation=True, caption_dropout=0.25, resume_from=checkpoint))
+                                           flip_augmentation=True, caption_dropout=0.25, resume_from=checkpoint,
+                                           **SCHEDULE))
+    resumed.step_hooks = LearningRates(resumed)
     resumed.run()
+    rates = trainer.step_hooks.after_step
+    assert rates[2] < rates[3] < rates[4] and rates[4] > rates[6] > rates[7], "warmup, then decay"
+    assert resumed.step_hooks.after_step == {step: rates[step] for step in range(4, 9)}, "the schedule goes on"
     assert resumed.loss_history[:3] == result.loss_history[:3]
     assert resumed.loss_history == pytest.approx(result.loss_history, rel=1e-5)
     final = {k: v for k, v in trainer.unet.named_parameters() if v.requires_grad}

@@ -40,7 +40,7 @@ def server(tars):
 
 
 def settings(tmp_path: Path, **overrides) -> wc.WeightsSettings:
-    return wc.WeightsSettings(cache_dir=tmp_path / "cache", min_free_bytes=0, **overrides)
+    return wc.WeightsSettings(cache_dir=tmp_path / "cache", min_free_bytes=0, **{"allow_local_paths": True, **overrides})
 
 
 def leftovers(cache: wc.WeightsCache) -> list[str]:
@@ -147,7 +147,7 @@ def test_lru_eviction_keeps_budget_and_never_evicts_pinned(tmp_path, tars):
 
 def test_free_disk_floor_refuses_with_one_line(tmp_path, tars):
     cache = wc.WeightsCache(settings(tmp_path))
-    cache.settings = wc.WeightsSettings(cache_dir=cache.root, min_free_bytes=2**62)
+    cache.settings = wc.WeightsSettings(cache_dir=cache.root, min_free_bytes=2**62, allow_local_paths=True)
     with pytest.raises(wc.WeightsError, match="no room"):
         cache.ensure(str(tars["a"]))
     assert leftovers(cache) == []
@@ -343,33 +343,49 @@ def bare_files(tmp_path_factory) -> dict[str, Path]:
     save_file(half(bundle), folder / "kohya_bundle.safetensors")
     save_file(half(kohya), folder / "kohya.safetensors")
     save_file(half(tensors), folder / "diffusers.safetensors", metadata=metadata)
-    text_encoder = {**kohya, "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 32)}
-    save_file(text_encoder, folder / "with_text_encoder.safetensors")
+    text_encoder = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.ones(4, 32),
+                    "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.ones(32, 4),
+                    "lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(4.0)}
+    save_file(half({**kohya, **text_encoder}), folder / "with_text_encoder.safetensors")
     return {path.stem: path for path in folder.iterdir()}
 
 
 @pytest.mark.parametrize("how", ["path", "url"])
 def test_bare_kohya_and_diffusers_loras_load_change_the_image_and_unload_exactly(manager, pipe, bare_files, how):
+    """Each bare file as replicate_weights and as extra_lora[0] (its trigger word then expands to that set's own
+    tokens): the same image either way, different from the base, and the base back exactly after."""
     base, base_state = render(pipe), effective_state(pipe)
     with MisbehavingServer(bare_files["kohya"].parent) as server:
         images = {}
         for name in ("kohya", "diffusers", "kohya_bundle"):
             source = str(bare_files[name]) if how == "path" else server.url("files/" + bare_files[name].name)
-            active = manager.use(source, 0.6)
+            (active,) = manager.use(source, 0.6)
             images[name] = render(pipe, manager.expand_prompt("a photo of TOK dog"))
             assert images_differ(images[name], base), name
+            (extra,) = manager.use(None, 0.6, extras=[(source, 0.6)])
+            assert_images_close(render(pipe, manager.expand_prompt("a photo of TOK dog")), images[name])
             manager.use(None, 0.6)
             assert_same_state(effective_state(pipe), base_state, f"base after the bare {name} file")
             assert_images_close(render(pipe), base)
     assert active.special_params == {"TOK": "<s0><s1>"}, "the bundled embeddings bring their trigger word"
+    assert extra.special_params == {"TOK": "<x0s0><x0s1>"}, "as extra_lora[0], under that set's own token names"
     assert_images_close(images["kohya"], images["diffusers"])  # the same LoRA in two layouts
     assert images_differ(images["kohya_bundle"], images["kohya"]), "the bundled embeddings take part"
 
 
-def test_bare_lora_with_text_encoder_layers_is_refused_in_one_line(manager, pipe, bare_files):
-    base_state = effective_state(pipe)
-    with pytest.raises(wc.WeightsError, match="text encoder") as error:
+def test_bare_lora_with_text_encoder_layers_applies_its_unet_part_and_warns_in_one_line(manager, pipe, bare_files,
+                                                                                       caplog):
+    """Many civitai SDXL LoRAs carry text-encoder layers; the predictor adapts the UNet only, so it applies that part
+    (the same image as the file without them) and says in the log how many keys it skipped."""
+    base, base_state = render(pipe), effective_state(pipe)
+    manager.use(str(bare_files["kohya"]), 0.6)
+    unet_only = render(pipe)
+    with caplog.at_level("WARNING", logger="weights_manager"):
         manager.use(str(bare_files["with_text_encoder"]), 0.6)
-    assert "\n" not in str(error.value)
-    assert manager.active is None and manager.cache.entries() == []
-    assert_same_state(effective_state(pipe), base_state, "base after a refused bare file")
+    warnings = [r.getMessage() for r in caplog.records if "text-encoder" in r.getMessage()]
+    assert len(warnings) == 1 and "3 text-encoder LoRA keys skipped" in warnings[0] and "\n" not in warnings[0]
+    with_text_encoder = render(pipe)
+    assert images_differ(with_text_encoder, base)
+    assert_images_close(with_text_encoder, unet_only)  # same UNet tensors, same kernels
+    manager.use(None, 0.6)
+    assert_same_state(effective_state(pipe), base_state, "base after a bare file with text-encoder layers")

@@ -16,7 +16,8 @@ Layouts:
   ``[1, in]`` ``dora_scale``, while their ``[out, 1]`` branch divides by the norm of the *base* weight; kohya's
   loaders ignore ``dora_scale``), so a DoRA adapter is refused here and shipped in the diffusers file only.
 * **bare LoRA files** (what civitai and the Hugging Face hub serve): a kohya file (above, with or without
-  ``bundle_emb``) or a diffusers file; :func:`read_lora_file` reads either.
+  ``bundle_emb``), a diffusers file (today's or the older ``.lora.down/up`` names) or cog-sdxl processor keys;
+  :func:`read_lora_file` reads any of them, leaving text-encoder layers out.
 * **cog-sdxl legacy** (replicate/cog-sdxl tars): attention-processor keys
   ``<attention>.processor.to_q_lora.down.weight`` / ``.up.weight`` (``to_out_lora`` for ``to_out.0``), no alpha
   (scale 1), and ``embeddings.pti`` with ``text_encoders_0`` / ``text_encoders_1``.
@@ -516,38 +517,66 @@ def bundled_embeddings(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dic
 
 @dataclass(frozen=True)
 class LoraFile:
-    """A bare LoRA file read into the predictor's terms: the UNet LoRA, bundled embeddings, trigger words."""
+    """A bare LoRA file read into the predictor's terms: the UNet LoRA, bundled embeddings, trigger words, and how
+    many text-encoder LoRA keys were left out (the predictor adapts the UNet only)."""
 
     lora: PeftLora
     embeddings: dict[str, Tensor]
     special_params: dict[str, str]
+    skipped_text_encoder_keys: int = 0
 
 
 _TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
+# diffusers before PEFT (LoRACompatibleLinear, 0.21-0.24): ``unet.<module>.lora.down.weight`` / ``.lora.up.weight``
+_OLD_DIFFUSERS_SUFFIXES = ((".lora.down.weight", _PEFT_A), (".lora.up.weight", _PEFT_B))
+
+
+def _new_diffusers_names(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Old diffusers key names (``….lora.down.weight``) as today's (``….lora_A.weight``); others unchanged."""
+    renamed = {}
+    for key, value in tensors.items():
+        for old, new in _OLD_DIFFUSERS_SUFFIXES:
+            if key.endswith(old):
+                key = key[: -len(old)] + new
+                break
+        renamed[key] = value
+    return renamed
 
 
 def read_lora_file(tensors: dict[str, Tensor], metadata: dict[str, str] | None,
                    layout: UNetLayout = SDXL_UNET_LAYOUT) -> LoraFile:
-    """A bare SDXL LoRA ``.safetensors`` in kohya layout (SGM or diffusers-style names, optional ``bundle_emb``)
-    or in diffusers layout (``unet.…lora_A/lora_B``, optional ``lora_adapter_metadata``).
+    """A bare SDXL LoRA ``.safetensors``, as civitai and the Hugging Face hub serve them: kohya layout (SGM or
+    diffusers-style names, optional ``bundle_emb`` trigger words), diffusers layout (``unet.…lora_A/lora_B`` with
+    optional ``lora_adapter_metadata``, or the older ``unet.….lora.down/up``), or cog-sdxl's attention-processor
+    keys (``….processor.to_q_lora.down.weight``, with or without ``unet.``).
 
-    Text-encoder LoRA layers are refused (the predictor adapts the UNet only), as is anything else it cannot
-    apply exactly: one-line :class:`LoraFormatError`s naming a key.
+    Text-encoder LoRA layers (many civitai SDXL LoRAs carry them) are left out and counted in
+    :attr:`LoraFile.skipped_text_encoder_keys`; the UNet part applies. A ``dora_scale`` (LyCORIS DoRA, normalised
+    per input column, which PEFT cannot apply) is refused, as is anything else that cannot be applied exactly:
+    one-line :class:`LoraFormatError`s naming a key.
     """
     if not tensors:
         raise LoraFormatError("the file holds no tensors")
-    text_encoder = sorted(k for k in tensors if k.startswith(_TEXT_ENCODER_PREFIXES))
-    if text_encoder:
-        raise LoraFormatError(f"{len(text_encoder)} keys adapt a text encoder (e.g. {text_encoder[0]!r}); only UNet "
+    state = {k: v for k, v in tensors.items() if not k.startswith(_TEXT_ENCODER_PREFIXES)}
+    skipped = len(tensors) - len(state)
+    if not state:
+        raise LoraFormatError(f"all {skipped} keys adapt a text encoder (e.g. {sorted(tensors)[0]!r}); only UNet "
                               "LoRAs are supported")
-    if all(k.startswith((KOHYA_PREFIX, BUNDLE_EMB_PREFIX)) for k in tensors):
-        embeddings, special_params = bundled_embeddings(tensors)
-        return LoraFile(kohya_to_peft(tensors, layout), embeddings, special_params)
-    if all(k.startswith(DIFFUSERS_UNET_PREFIX) for k in tensors):
-        return LoraFile(diffusers_file_to_peft(tensors, metadata), {}, {})
-    unknown = sorted(k for k in tensors if not k.startswith((KOHYA_PREFIX, BUNDLE_EMB_PREFIX, DIFFUSERS_UNET_PREFIX)))
-    raise LoraFormatError(f"key {(unknown or sorted(tensors))[0]!r} is neither kohya (lora_unet_…) nor diffusers "
-                          "(unet.…) LoRA layout, or the file mixes both")
+    dora = sorted(k for k in state if k.endswith(_KOHYA_DORA))
+    if dora:
+        raise LoraFormatError(f"key {dora[0]!r} is a dora_scale (LyCORIS DoRA, normalised per input column), which "
+                              "diffusers/PEFT cannot apply; use a plain LoRA")
+    if all(k.startswith((KOHYA_PREFIX, BUNDLE_EMB_PREFIX)) for k in state):
+        embeddings, special_params = bundled_embeddings(state)
+        return LoraFile(kohya_to_peft(state, layout), embeddings, special_params, skipped)
+    if all(_COG_PROCESSOR_RE.match(k.removeprefix(DIFFUSERS_UNET_PREFIX)) for k in state):
+        return LoraFile(cog_sdxl_lora_to_peft({k.removeprefix(DIFFUSERS_UNET_PREFIX): v for k, v in state.items()}),
+                        {}, {}, skipped)
+    if all(k.startswith(DIFFUSERS_UNET_PREFIX) for k in state):
+        return LoraFile(diffusers_file_to_peft(_new_diffusers_names(state), metadata), {}, {}, skipped)
+    unknown = sorted(k for k in state if not k.startswith((KOHYA_PREFIX, BUNDLE_EMB_PREFIX, DIFFUSERS_UNET_PREFIX)))
+    raise LoraFormatError(f"key {(unknown or sorted(state))[0]!r} is neither kohya (lora_unet_…), diffusers (unet.…) "
+                          "nor cog-sdxl (….processor.…) LoRA layout, or the file mixes them")
 
 
 def token_indices(tokens: str) -> list[int]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from diffusers.pipelines.stable_diffusion_xl.watermark import StableDiffusionXLW
 from PIL import Image, UnidentifiedImageError
 from transformers import CLIPImageProcessor
 
+from pti.inference.prompts import GuidancePair, encode_pair
 from pti.models.base_model import (
     MINI_WORLD,
     TINY,
@@ -299,17 +300,6 @@ def validate_request(request: GenerationRequest, settings: ModelSettings) -> Non
                                    f"which is no step; use at least {int(1 / REFINER_STRENGTH) + 1}")
 
 
-def check_prompt_length(prompt: str, tokenizers: Sequence, what: str = "prompt") -> None:
-    """Refuse a prompt longer than the text encoders read (CLIP: 77 tokens with start and end)."""
-    for tokenizer in tokenizers:
-        if tokenizer is None:
-            continue
-        limit = tokenizer.model_max_length - 2
-        count = len(tokenizer(prompt, add_special_tokens=False).input_ids)
-        if count > limit:
-            raise GenerationInputError(f"{what} is {count} tokens long; the limit is {limit}")
-
-
 def load_input_image(path: Path, what: str, mode: str = "RGB") -> Image.Image:
     try:
         with Image.open(path) as image:
@@ -395,15 +385,14 @@ def generate(models: SDXLModels, request: GenerationRequest, prompt: str) -> lis
     refiner = models.refiner() if refine else None
     _set_call_state(pipe, models, request.scheduler, request.apply_watermark and not refine, models.scheduler_config)
     generator = models.runtime.generator(request.seed)
-    common = dict(prompt=[prompt] * request.num_outputs, negative_prompt=[request.negative_prompt] * request.num_outputs,
-                  guidance_scale=request.guidance_scale, generator=generator,
-                  num_inference_steps=request.num_inference_steps)
+    common = dict(num_images_per_prompt=request.num_outputs, guidance_scale=request.guidance_scale,
+                  generator=generator, num_inference_steps=request.num_inference_steps)
     if request.refine == "expert_ensemble_refiner":
         kwargs.update(output_type="latent", denoising_end=request.high_noise_frac)
     elif request.refine == "base_image_refiner":
         kwargs.update(output_type="latent")
     with torch.inference_mode():
-        images = pipe(**common, **kwargs).images
+        images = pipe(**common, **kwargs, **base_conditioning(models, pipe, prompt, request).as_kwargs()).images
         if not refine:
             return images
         _set_call_state(refiner, models, request.scheduler, request.apply_watermark,
@@ -414,7 +403,23 @@ def generate(models: SDXLModels, request: GenerationRequest, prompt: str) -> lis
         else:
             refiner_kwargs["strength"] = REFINER_STRENGTH
             common["num_inference_steps"] = request.refine_steps or request.num_inference_steps
-        return refiner(**common, **refiner_kwargs).images
+        return refiner(**common, **refiner_kwargs,
+                       **refiner_conditioning(models, refiner, prompt, request).as_kwargs()).images
+
+
+def base_conditioning(models: SDXLModels, pipe, prompt: str, request: GenerationRequest) -> GuidancePair:
+    """The base pipeline's conditioning: both encoders, through the base's current tokenizers (which know the
+    active trained weights' tokens); A1111 weights and chunks of any length."""
+    base = models.txt2img
+    return encode_pair(prompt, request.negative_prompt, [base.tokenizer, base.tokenizer_2],
+                       [base.text_encoder, base.text_encoder_2], pipe.config.force_zeros_for_empty_prompt)
+
+
+def refiner_conditioning(models: SDXLModels, refiner, prompt: str, request: GenerationRequest) -> GuidancePair:
+    """The refiner's conditioning: its one encoder (the base's CLIP-G) through the base's current second
+    tokenizer."""
+    return encode_pair(prompt, request.negative_prompt, [models.txt2img.tokenizer_2], [refiner.text_encoder_2],
+                       refiner.config.force_zeros_for_empty_prompt)
 
 
 def _mode_pipeline(models: SDXLModels, request: GenerationRequest) -> tuple[object, dict]:

@@ -1,8 +1,9 @@
 """Trained-weights sources fetched into an on-disk LRU cache.
 
-A source is an http(s) URL, a ``data:`` URI, or a local tar or folder, or a bare LoRA ``.safetensors`` file (what
-civitai and the Hugging Face hub serve) by URL or path. :meth:`WeightsCache.ensure` resolves it to an extracted folder
-under ``<cache>/<sha256(source)[:16]>`` (a bare file is kept there as ``BARE_LORA``). Downloads are streamed, resumed with HTTP ``Range`` after a
+A source is an http(s) URL, a ``data:`` URI, or (where the operator enables local paths) a local tar or folder; each
+may also be a bare LoRA ``.safetensors`` file (what civitai and the Hugging Face hub serve), told from a tar by its
+first bytes. :meth:`WeightsCache.ensure` resolves it to an extracted folder under ``<cache>/<sha256(source)[:16]>``
+(a bare file is kept there as ``BARE_LORA``). Downloads are streamed, resumed with HTTP ``Range`` after a
 dropped connection, checked against the announced size (and refused when the server sends an HTML page), bounded in
 time as a whole (``download_deadline_s``: a server trickling bytes cannot hold a prediction), and extracted with
 :func:`safe_archive.safe_extract`. Least recently used entries are evicted when free disk falls under a floor or the
@@ -66,6 +67,7 @@ class WeightsSettings:
     max_redirects: int = 5
     download_attempts: int = 3
     max_loaded_adapters: int = 4
+    allow_local_paths: bool = False  # local tar/folder paths as sources: only where the operator enables them
 
     @classmethod
     def from_env(cls) -> WeightsSettings:
@@ -83,6 +85,7 @@ class WeightsSettings:
             max_download_bytes=env_int("WEIGHTS_MAX_DOWNLOAD_BYTES", defaults.max_download_bytes),
             download_deadline_s=float(os.environ.get("WEIGHTS_DOWNLOAD_DEADLINE_S") or defaults.download_deadline_s),
             max_loaded_adapters=env_int("WEIGHTS_MAX_LOADED_ADAPTERS", defaults.max_loaded_adapters),
+            allow_local_paths=os.environ.get("WEIGHTS_ALLOW_LOCAL_PATHS", "").strip().lower() in ("1", "true", "yes"),
         )
 
 
@@ -335,9 +338,12 @@ class WeightsCache:
         """Remove an entry (one whose files turned out unreadable: it could only fail again)."""
         shutil.rmtree(self.root / key, ignore_errors=True)
 
-    def ensure(self, source: str) -> Path:
-        """The extracted folder of ``source`` (a folder is used in place), fetching it on a miss."""
+    def ensure(self, source: str, allow_path: bool | None = None) -> Path:
+        """The extracted folder of ``source`` (a folder is used in place), fetching it on a miss. A local path is
+        refused, without looking at it, unless ``allow_path`` (default: the settings' ``allow_local_paths``)."""
         kind = source_kind(source)
+        if kind == "path" and not (self.settings.allow_local_paths if allow_path is None else allow_path):
+            raise WeightsError("local paths are not accepted here; give an http(s) URL or a data: URI")
         if kind == "path":
             path = Path(source).expanduser()
             if path.is_dir():

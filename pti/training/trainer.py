@@ -5,8 +5,11 @@ artifact folder through :mod:`export`. The embeddings train for the first ``ti_f
 pivot); after it only the UNet trains, the text encoders' outputs for every caption are computed once and the
 encoders leave the device.
 
-Multi-GPU: run the same code under ``accelerate launch``; every process draws its own slice of each batch, the
-UNet is wrapped in DDP, embedding gradients are averaged across processes, and only the main process writes.
+Multi-GPU: run the same code under ``accelerate launch``; every process takes its own slice of each global batch
+(``train_batch_size`` x processes samples), the UNet is wrapped in DDP, embedding gradients are averaged across
+processes, and only the main process writes. Every random draw of a sample (flip, caption dropout/shuffle, noise,
+offset and pyramid noise, timestep) comes from generators keyed by the sample's place in the step's global batch
+(:class:`SampleKey`), so N processes x batch B train like one process x batch N*B, and a resume continues exactly.
 """
 
 from __future__ import annotations
@@ -488,9 +491,8 @@ class Trainer:
                 last = micro == accumulation - 1
                 with hooks.phase("data"):
                     batch = self._batch(micro)
-                generator = _step_generator(s.seed, self.step, micro, self.accelerator.process_index)
                 with contextlib.nullcontext() if last else self.accelerator.no_sync(self.unet_for_training):
-                    loss = self._loss(batch, generator)
+                    loss = self._loss(batch)
                     with hooks.phase("backward"):
                         self.accelerator.backward(self.loss_scaler.scale(loss / accumulation))
                 total += loss.detach().item() / accumulation
@@ -536,44 +538,59 @@ class Trainer:
                 f"gradient_checkpointing={str(self.unet.is_gradient_checkpointing).lower()}")
 
     def _batch(self, micro: int) -> dict:
-        """This process's batch for (step, micro): a pure function of seed and step, so the data order survives a
-        resume without any sampler state. With prior preservation it carries a class batch under ``"class"``."""
+        """This process's slice of micro-batch ``micro`` of the current step. The global micro-batch
+        (``train_batch_size`` x processes samples) is a pure function of seed and step, so the data order survives a
+        resume without any sampler state and does not depend on how the samples are spread over processes. With
+        prior preservation the batch carries a class batch under ``"class"``."""
         s = self.settings
-        rank = self.accelerator.process_index
-        number = (self.step * s.gradient_accumulation_steps + micro) * self.accelerator.num_processes + rank
-        rng = random.Random(_step_seed(s.seed, self.step, micro, rank))
-        batch = self._draw(self.dataset, number, s.seed, rng)
+        size, rank = s.train_batch_size, self.accelerator.process_index
+        width = size * self.accelerator.num_processes
+        number = self.step * s.gradient_accumulation_steps + micro
+        slots = [micro * width + rank * size + index for index in range(size)]
+        batch = self._draw(self.dataset, number, s.seed, width, slots, SampleKey.INSTANCE)
         if self.class_dataset is not None:
-            batch["class"] = self._draw(self.class_dataset, number, s.seed + 1, rng)
+            batch["class"] = self._draw(self.class_dataset, number, s.seed + 1, width, slots, SampleKey.CLASS)
         return batch
 
-    def _draw(self, dataset: CachedDataset, number: int, seed: int, rng: random.Random) -> dict:
-        """Batch ``number`` of the endless stream of epochs; every batch holds images of one size (bucket)."""
+    def _draw(self, dataset: CachedDataset, number: int, seed: int, width: int, slots: list[int],
+              stream: int) -> dict:
+        """This process's ``slots`` of global batch ``number`` of the endless stream of epochs (every global batch
+        holds images of one size, a bucket), with each sample's flip and caption augmentation drawn from its key."""
         sizes = tuple(tuple(item.latents.shape[-2:]) for item in dataset.items)
-        per_epoch = len(_epoch_batches(seed, 0, sizes, self.settings.train_batch_size))
-        indices = _epoch_batches(seed, number // per_epoch, sizes, self.settings.train_batch_size)[number % per_epoch]
-        flips = [self.settings.flip_augmentation and rng.random() < 0.5 for _ in indices]
-        batch = dataset.batch(list(indices), flips)
-        batch["captions"] = [self.caption_augmentation.apply(c, rng) for c in batch["captions"]]
+        per_epoch = len(_epoch_batches(seed, 0, sizes, width))
+        members = _epoch_batches(seed, number // per_epoch, sizes, width)[number % per_epoch]
+        keys = [SampleKey(self.settings.seed, self.step, slot, stream) for slot in slots]
+        indices = [members[slot % width] for slot in slots]
+        rngs = [key.python_rng() for key in keys]
+        flips = [self.settings.flip_augmentation and rng.random() < 0.5 for rng in rngs]
+        batch = dataset.batch(indices, flips)
+        batch["captions"] = [self.caption_augmentation.apply(c, rng) for c, rng in zip(batch["captions"], rngs)]
+        batch["keys"] = keys
         return batch
 
-    def _loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        loss = self._batch_losses(batch, generator).mean()
+    def _loss(self, batch: dict) -> torch.Tensor:
+        loss = self._batch_losses(batch).mean()
         if "class" in batch:
-            loss = loss + self.settings.prior_loss_weight * self._batch_losses(batch["class"], generator).mean()
+            loss = loss + self.settings.prior_loss_weight * self._batch_losses(batch["class"]).mean()
         return loss
 
-    def _batch_losses(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+    def _batch_losses(self, batch: dict) -> torch.Tensor:
         device = self.runtime.device
         latents = batch["latents"].to(device)
-        noise = torch.randn(latents.shape, generator=generator)  # drawn on the CPU: reproducible on any device
-        noise = offset_noise(noise, self.settings.noise_offset, generator)
-        noise = pyramid_noise(noise, self.settings.pyramid_noise_iterations, self.settings.pyramid_noise_discount,
-                              generator).to(device)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                                  generator=generator).to(device)
+        noise, timesteps = zip(*(self._sample_noise(key, tuple(latents.shape[1:])) for key in batch["keys"]))
         return self.denoising_losses(latents, batch["masks"].to(device), batch["captions"],
-                                     batch["time_ids"].to(device), noise, timesteps)
+                                     batch["time_ids"].to(device), torch.cat(noise).to(device),
+                                     torch.cat(timesteps).to(device))
+
+    def _sample_noise(self, key: SampleKey, shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """One sample's noise ``[1, *shape]`` (with offset and pyramid noise) and timestep ``[1]``, drawn on the CPU
+        from the sample's own generator: the same on any device and in any process layout."""
+        s, generator = self.settings, key.torch_generator()
+        noise = torch.randn((1, *shape), generator=generator)
+        noise = offset_noise(noise, s.noise_offset, generator)
+        noise = pyramid_noise(noise, s.pyramid_noise_iterations, s.pyramid_noise_discount, generator)
+        timestep = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (1,), generator=generator)
+        return noise, timestep
 
     def denoising_losses(self, latents: torch.Tensor, masks: torch.Tensor, captions: list[str],
                          time_ids: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -875,12 +892,29 @@ def class_image_indices(missing: int, rank: int, processes: int) -> list[int]:
     return list(range(rank, missing, processes))
 
 
-def _step_seed(seed: int, step: int, micro: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, step, micro, rank]).generate_state(1)[0])
+@dataclass(frozen=True)
+class SampleKey:
+    """One sample of one optimizer step, named by its place in the step's global batch rather than by the process
+    that trains it: the key its random draws come from."""
 
+    INSTANCE = 0  # stream: a training image
+    CLASS = 1  # stream: the class image drawn next to it (prior preservation)
 
-def _step_generator(seed: int, step: int, micro: int, rank: int) -> torch.Generator:
-    return torch.Generator().manual_seed(_step_seed(seed, step, micro, rank) + 1)
+    seed: int
+    step: int
+    slot: int  # (micro-step x processes + process index) x train_batch_size + index in the process's batch
+    stream: int
+
+    def _entropy(self) -> int:
+        return int(np.random.SeedSequence([self.seed, self.step, self.slot, self.stream]).generate_state(1)[0])
+
+    def python_rng(self) -> random.Random:
+        """Flip and caption augmentation."""
+        return random.Random(self._entropy())
+
+    def torch_generator(self) -> torch.Generator:
+        """Noise and timestep (a different stream from :meth:`python_rng`'s)."""
+        return torch.Generator().manual_seed(self._entropy() + 1)
 
 
 @lru_cache(maxsize=64)
