@@ -26,7 +26,8 @@ from pti.training import failures
 import preprocess
 from pti.preprocessing.captioning import DEFAULT_CAPTIONER
 from dataset_and_utils import parse_token_string
-from pti.models.base_model import pick_runtime, release_cached_memory
+from pti.models import single_file
+from pti.models.base_model import checked_base_file, model_spec, pick_runtime, release_cached_memory
 from pti.training.optim import OPTIMIZERS, SCHEDULERS
 from pti.formats.export import SAVE_PRECISIONS
 from pti.training.process_sync import SharedStep
@@ -78,8 +79,10 @@ def train(
     clipseg_temperature: float = Input(description="How blurry the CLIPSeg mask is (0.5 to 1.0 recommended)",
                                        default=1.0, ge=0.01),
     verbose: bool = Input(description="verbose output (progress bars)", default=True),
-    checkpointing_steps: int = Input(description="Steps between resumable checkpoints and validation samples "
-                                     "(a very high number disables them)", default=999999, ge=1),
+    checkpointing_steps: int = Input(description="Steps between resumable checkpoints and validation samples; a "
+                                     "LoRA run also keeps each such step's weights in the tar (steps/<step>/) for "
+                                     "the predictor's replicate_weights=<tar>#step=<step> (a very high number "
+                                     "disables them)", default=999999, ge=1),
     input_images_filetype: str = Input(description="Filetype of input_images: zip, tar, or infer (the content "
                                        "decides)", default="infer", choices=["zip", "tar", "infer"]),
     # ---- options beyond replicate/cog-sdxl
@@ -144,6 +147,10 @@ def train(
                                                 default=25, ge=1),
     resume_from: Optional[str] = Input(description="Resume an interrupted run (same inputs): a local checkpoint "
                                        "folder, or the checkpoints folder the interrupted run logged", default=None),
+    base_model: Optional[str] = Input(description="Base model to train on: a Hugging Face repo id, a diffusers "
+                                      "folder, or an SDXL single-file checkpoint (.safetensors in the SGM/A1111 "
+                                      "layout, e.g. from civitai) as a local path or https URL; empty: SDXL base "
+                                      "(env SDXL_MODEL)", default=None),
 ) -> TrainingOutput:
     args = {name: _plain(value) for name, value in locals().items()}
     state = PartialState(cpu=pick_runtime().device.type == "cpu")  # the process group, under torchrun
@@ -152,6 +159,7 @@ def train(
         with failures.stage("checking the settings"):
             settings = _training_settings(args, work)
             settings.validate()  # cheap checks before the (slow) preprocessing
+            _check_base_model(settings.base_model)
             check_runtime(settings)  # e.g. adamw8bit without CUDA or bitsandbytes
         with failures.stage("preprocessing"):
             _preprocess_once(args, settings, state, work)
@@ -220,6 +228,7 @@ def _training_settings(args: dict, work: PlainPath) -> TrainingSettings:
         output_dir=work / "trained_model",
         checkpoint_dir=_checkpoint_dir(work),
         resume_from=PlainPath(args["resume_from"]) if args["resume_from"] else None,
+        base_model=args["base_model"] or None,
         seed=seed,
         resolution=args["resolution"],
         train_batch_size=args["train_batch_size"],
@@ -264,6 +273,13 @@ def _training_settings(args: dict, work: PlainPath) -> TrainingSettings:
         validation_num_inference_steps=args["validation_num_inference_steps"],
         show_progress=args["verbose"],
     )
+
+
+def _check_base_model(spec: str | None) -> None:
+    """A single-file base model is fetched (https: once, into the cache) and checked to be an SDXL checkpoint
+    before any preprocessing or training."""
+    if single_file.is_single_file(model_spec(spec)):
+        checked_base_file(spec)
 
 
 def _checkpoint_dir(work: PlainPath) -> PlainPath:

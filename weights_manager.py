@@ -20,6 +20,7 @@ import logging
 import re
 import threading
 import time
+import urllib.parse
 import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -31,12 +32,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from pti.formats import lora_formats
+from pti.formats import lora_formats, sgm_checkpoint, steps
 from pti.formats.lora_formats import SDXL_UNET_LAYOUT, LoraFormatError, PeftLora, UNetLayout
+from pti.models import single_file
+from pti.models.base_model import model_spec
 from pti.inference.weights_cache import (
     BARE_LORA,
     COG_SDXL_EMBEDDINGS,
     COG_SDXL_LORA,
+    FULL_CHECKPOINT,
     FULL_UNET,
     OUR_EMBEDDINGS,
     OUR_LORA,
@@ -51,6 +55,8 @@ from pti.inference.weights_cache import (
 )
 
 logger = logging.getLogger(__name__)
+
+TRAINING_CONFIG = "training_config.json"
 
 # ---------------------------------------------------------------------------------------------- reading
 
@@ -130,9 +136,24 @@ def _read_unet_weights(folder: Path, label: str) -> tuple[PeftLora | None, dict[
     if (folder / COG_SDXL_LORA).is_file():
         tensors, _ = _read_safetensors(folder / COG_SDXL_LORA, label)
         return lora_formats.cog_sdxl_lora_to_peft(tensors), None
+    if (folder / FULL_CHECKPOINT).is_file():
+        return None, _read_checkpoint_unet(folder / FULL_CHECKPOINT, label)
     if (folder / FULL_UNET).is_file():
         return None, _read_safetensors(folder / FULL_UNET, label)[0]
     raise WeightsError(f"{label}: folder holds none of {', '.join(UNET_WEIGHT_FILES)}")
+
+
+def _read_checkpoint_unet(path: Path, label: str) -> dict[str, Tensor]:
+    """The UNet of a single-file SGM checkpoint in diffusers names; only its tensors are read (the VAE and text
+    encoders in the file are the base model's)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(sgm_checkpoint.UNET_PREFIX)}
+        return sgm_checkpoint.sgm_unet_state(tensors)
+    except (SafetensorError, OSError) as error:
+        raise WeightsError(f"{label}: {path.name} is not a readable safetensors file ({error})") from None
+    except sgm_checkpoint.SgmFormatError as error:
+        raise WeightsError(f"{label}: {path.name}: {error}") from None
 
 
 def _read_embeddings(folder: Path, label: str) -> dict[str, Tensor]:
@@ -146,6 +167,57 @@ def _read_embeddings(folder: Path, label: str) -> dict[str, Tensor]:
         tensors, _ = _read_safetensors(folder / COG_SDXL_EMBEDDINGS, label)
         return lora_formats.cog_sdxl_embeddings(tensors)
     return {}
+
+
+def served_base_name(spec: str | None = None) -> str:
+    """The name of the base model this process serves (env ``SDXL_MODEL``), as training records it: a single file's
+    file name, else the setting itself."""
+    spec = model_spec(spec)
+    if not single_file.is_single_file(spec):
+        return spec
+    return Path(urllib.parse.urlsplit(spec).path if single_file.is_url(spec) else spec).name
+
+
+def log_base_mismatch(folder: Path, label: str, served: str) -> None:
+    """Say in the log when trained weights were trained on another base model than the one served. The served base
+    stays: loading a multi-gigabyte base per request would stall every other request (see README)."""
+    trained = _training_config(folder).get("base_model_source")
+    if not isinstance(trained, dict) or not trained.get("name") or trained["name"] == served:
+        return
+    sha = f", sha256 {trained['sha256'][:12]}…" if trained.get("sha256") else ""
+    where = f" from {trained['url']}" if trained.get("url") else ""
+    logger.warning("weights %s were trained on base model %s%s%s, but this predictor serves %s: images may differ "
+                   "from the training samples", label, trained["name"], where, sha, served)
+
+
+def _training_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / TRAINING_CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+class StepNotSaved(WeightsError):
+    """``#step=<n>`` names a step the tar does not hold."""
+
+
+def step_weights_folder(folder: Path, step: int, label: str) -> Path:
+    """The folder of step ``step`` in an extracted tar: ``steps/<step>/``, or the top level for the run's last step
+    (the final weights are not repeated under ``steps/``)."""
+    if (steps.step_folder(folder, step) / SPECIAL_PARAMS).is_file():
+        return steps.step_folder(folder, step)
+    final = _final_step(folder)
+    if step == final:
+        return folder
+    available = [*steps.saved_steps(folder), *([final] if final else [])]
+    listed = ", ".join(str(s) for s in available) if available else "none (trained without checkpointing_steps)"
+    raise StepNotSaved(f"{label}: step {step} was not saved; saved steps: {listed}")
+
+
+def _final_step(folder: Path) -> int | None:
+    total = _training_config(folder).get("total_steps")
+    return total if isinstance(total, int) else None
 
 
 # ---------------------------------------------------------------------------------------------- live pipeline
@@ -286,10 +358,10 @@ class FullUnetPatch:
         params = self._params()
         for key, value in state.items():
             if key not in params:
-                raise WeightsError(f"{label}: {FULL_UNET} has {key!r}, which this base model's UNet lacks")
+                raise WeightsError(f"{label}: the full fine-tune has {key!r}, which this base model's UNet lacks")
             if tuple(value.shape) != tuple(params[key].shape):
-                raise WeightsError(f"{label}: {FULL_UNET} {key} has shape {list(value.shape)} but this base model's "
-                                   f"is {list(params[key].shape)} (weights trained for another base model?)")
+                raise WeightsError(f"{label}: the full fine-tune's {key} has shape {list(value.shape)} but this base "
+                                   f"model's is {list(params[key].shape)} (weights trained for another base model?)")
 
     def apply(self, state: dict[str, Tensor]) -> None:
         params = self._params()
@@ -518,6 +590,14 @@ def extra_lora_choices(extra_lora: str | Sequence[str] | None,
             for index, (source, scale) in enumerate(zip(sources, scales))]
 
 
+def _split_step(choice: WeightsChoice) -> tuple[str, int | None]:
+    """``choice``'s source without its ``#step=<n>`` suffix, and the step (None without one)."""
+    try:
+        return steps.split_step(choice.source)
+    except steps.StepSelectionError as error:
+        raise WeightsError(f"{choice.field}: {redact(choice.source.rsplit('#step=', 1)[0])}: {error}") from None
+
+
 @dataclass(frozen=True)
 class ActiveWeights:
     key: str
@@ -543,7 +623,8 @@ class WeightsManager:
     def use(self, source: str | None, lora_scale: float, extras: Sequence[tuple[str, float]] = (),
             trusted: bool = False) -> tuple[ActiveWeights, ...] | None:
         """Make ``source`` (``replicate_weights``: URL, data: URI, or where enabled a tar or folder path; None for
-        none) and each ``(source, scale)`` of ``extras`` (``extra_lora[i]``) the active weights together."""
+        none) and each ``(source, scale)`` of ``extras`` (``extra_lora[i]``) the active weights together. Any source
+        may end in ``#step=<n>`` to name a saved intermediate step of its tar."""
         choices = [WeightsChoice(source, lora_scale, "replicate_weights", trusted)] if source else []
         choices += [WeightsChoice(extra, scale, f"extra_lora[{i}]") for i, (extra, scale) in enumerate(extras)]
         return self.use_all(choices)
@@ -558,23 +639,29 @@ class WeightsManager:
             if len(choices) > self.settings.max_loaded_adapters:
                 raise WeightsError(f"{choices[-1].field}: {len(choices)} sets of weights at once; this predictor "
                                    f"takes at most {self.settings.max_loaded_adapters} (WEIGHTS_MAX_LOADED_ADAPTERS)")
-            items, labels = [], {}
+            items, labels, folder_keys = [], {}, {}
             for choice in choices:
-                key = self._key(choice)
+                source, step = _split_step(choice)
+                folder_key = self._key(choice, source)
+                key = folder_key if step is None else f"{folder_key}s{step}"  # one download, one adapter per step
                 if key in labels:
                     raise WeightsError(f"{choice.field}: the same weights as {labels[key]}; give each set once "
                                        f"(its scale can go up to 2)")
                 labels[key] = choice.field
-                label = f"{choice.field} {redact(choice.source)}"
-                items.append(Activation(key, lambda c=choice, lab=label: self._read(c, lab), choice.scale,
-                                        label, self._token_prefix(choice)))
-                self.cache.pinned.add(key)
+                folder_keys[key] = folder_key
+                label = f"{choice.field} {redact(source)}" + ("" if step is None else f"#step={step}")
+                items.append(Activation(key, lambda c=choice, s=source, n=step, lab=label: self._read(c, s, n, lab),
+                                        choice.scale, label, self._token_prefix(choice)))
+                self.cache.pinned.add(folder_key)
             started = time.perf_counter()
             try:
                 loaded = self.live.activate(items)
+            except StepNotSaved:
+                raise  # the tar is fine: keep it for the steps it has
             except WeightsError:
-                if self.live.current is not None and self.live.current not in self.live.loaded:
-                    self.cache.discard(self.live.current)  # weights that cannot be used would only fail again
+                failed = self.live.current
+                if failed is not None and failed not in self.live.loaded:
+                    self.cache.discard(folder_keys[failed])  # weights that cannot be used would only fail again
                 raise
             self.active = tuple(
                 ActiveWeights(item.key, item.label, choice.field,
@@ -590,8 +677,8 @@ class WeightsManager:
         match = re.fullmatch(r"extra_lora\[(\d+)\]", choice.field)
         return f"x{match.group(1)}" if match else ""
 
-    def _key(self, choice: WeightsChoice) -> str:
-        source = choice.source
+    def _key(self, choice: WeightsChoice, source: str) -> str:
+        """The cache key of ``source`` (``choice``'s source without its ``#step=`` suffix)."""
         if source_kind(source) == "path":
             if not (self.settings.allow_local_paths or choice.trusted):
                 raise WeightsError(f"{choice.field}: local paths are not accepted here; give an http(s) URL or a "
@@ -603,12 +690,14 @@ class WeightsManager:
                 return hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:16]
         return cache_key(source)
 
-    def _read(self, choice: WeightsChoice, label: str) -> TrainedWeights:
+    def _read(self, choice: WeightsChoice, source: str, step: int | None, label: str) -> TrainedWeights:
         try:
-            folder = self.cache.ensure(choice.source, allow_path=self.settings.allow_local_paths or choice.trusted)
+            folder = self.cache.ensure(source, allow_path=self.settings.allow_local_paths or choice.trusted)
         except WeightsError as error:
             raise WeightsError(f"{choice.field}: {error}") from None
-        return read_trained_weights(folder, label, self.layout)
+        log_base_mismatch(folder, label, served_base_name())
+        return read_trained_weights(folder if step is None else step_weights_folder(folder, step, label), label,
+                                    self.layout)
 
     def trigger_map(self) -> dict[str, str]:
         """Each trigger word of the active weights → the tokens it expands to (every set's own tokens, in request

@@ -51,8 +51,10 @@ def assert_back_to_base(pipe, exported) -> None:
 
 def train_fake_adapter(pipe, name: str, use_dora: bool) -> dict[str, torch.Tensor]:
     """A real PEFT adapter on the UNet with random non-zero lora_B (what training leaves)."""
-    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="gaussian",
-                                     use_dora=use_dora), adapter_name=name)
+    with torch.random.fork_rng(devices=[]):  # lora_A's gaussian init draws from the global RNG: the same each run
+        torch.manual_seed(0)
+        pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="gaussian",
+                                         use_dora=use_dora), adapter_name=name)
     pipe.unet.set_adapter(name)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
@@ -192,9 +194,17 @@ def test_save_precision_writes_half_size_weights_that_still_load(pipe, exported,
             assert value.dtype == (torch.float32 if key.endswith(".alpha") else dtype), (path.name, key)
     fp32_bytes = (exported["out"] / "pytorch_lora_weights.safetensors").stat().st_size
     assert (tmp_path / "pytorch_lora_weights.safetensors").stat().st_size < 0.6 * fp32_bytes
+    written = load_file(tmp_path / "pytorch_lora_weights.safetensors")
+    assert all(torch.equal(written["unet." + k], v.to(dtype)) for k, v in exported["state"].items())  # a cast
     loaded = render_with_lora(pipe, tmp_path)  # the fp32 pipeline upcasts the half-precision LoRA
-    # bf16 keeps 8 bits of mantissa: the LoRA's effect (tenths) moves by ~1e-3 of itself, far under 0.02
-    np.testing.assert_allclose(loaded, exported["trained"], atol=0.02)
+    # Against the trained image itself no tolerance holds: this fake LoRA moves pixels by up to 0.8, and 2 denoising
+    # steps of the tiny UNet turn bf16's rounding into image errors from 0.005 to 0.1 depending on the draw
+    # (measured over 12 seeds). What must hold is that the file applies exactly the rounded weights.
+    rounded = tmp_path / "rounded"
+    export.write_weight_files(rounded, unet_lora_state={k: v.to(dtype).float() for k, v in exported["state"].items()},
+                              lora_alpha=8, embeddings=embeddings, special_params=SPECIAL, training_config=CONFIG,
+                              unet_layout=exported["layout"], name="my_lora", save_precision="fp32")
+    assert_images_close(loaded, render_with_lora(pipe, rounded), "the half-precision file is its weights")
     assert not np.allclose(loaded, exported["base"], atol=1e-2)
     assert_back_to_base(pipe, exported)
 
@@ -291,19 +301,31 @@ def test_dora_is_exported_for_diffusers_only_and_the_card_says_why(pipe, exporte
     assert "This is a DoRA" in card and "<lora:" not in card and "embeddings/TOK.safetensors" in card
 
 
-def test_full_fine_tune_writes_unet_safetensors(pipe, embeddings, tmp_path):
+@pytest.mark.parametrize(("save_precision", "stored"), [(None, "F16"), ("bf16", "BF16"), ("fp32", "F32")])
+def test_full_fine_tune_writes_a_single_file_sgm_checkpoint(pipe, embeddings, tmp_path, save_precision, stored):
+    from pti.formats.sgm_checkpoint import SdxlShape, sgm_state
+
     unet_state = {k: v for k, v in pipe.unet.state_dict().items() if "lora" not in k}
+    state = sgm_state(unet=unet_state, vae=pipe.vae.state_dict(), text_encoder=pipe.text_encoder.state_dict(),
+                      text_encoder_2=pipe.text_encoder_2.state_dict(),
+                      shape=SdxlShape.from_configs(pipe.unet.config, pipe.vae.config),
+                      vocab_rows=(len(pipe.tokenizer), len(pipe.tokenizer_2)), dtype=torch.float32)
+    precision = {} if save_precision is None else {"save_precision": save_precision}
     export.write_weight_files(tmp_path, unet_lora_state=None, lora_alpha=None, embeddings=embeddings,
-                              special_params=SPECIAL, training_config=CONFIG, unet_full_state=unet_state,
-                              unet_layout=lora_formats.SDXL_UNET_LAYOUT, save_precision="fp32")
+                              special_params=SPECIAL, training_config=CONFIG, full_checkpoint_state=state,
+                              unet_layout=lora_formats.SDXL_UNET_LAYOUT, **precision)
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*") if p.is_file()) == [
-        "embeddings.safetensors", "embeddings/STY.safetensors", "embeddings/TOK.safetensors", "special_params.json",
-        "training_config.json", "unet.safetensors"]
-    written = load_file(tmp_path / "unet.safetensors")
-    assert all(torch.equal(written[k], v) for k, v in unet_state.items())
+        "embeddings.safetensors", "embeddings/STY.safetensors", "embeddings/TOK.safetensors",
+        "sdxl_checkpoint.safetensors", "special_params.json", "training_config.json"]
+    with safe_open(tmp_path / "sdxl_checkpoint.safetensors", "pt") as handle:
+        assert handle.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
+        assert {handle.get_slice(k).get_dtype() for k in handle.keys()} == {stored}
+    written = load_file(tmp_path / "sdxl_checkpoint.safetensors")
+    dtype = export.SAVE_PRECISIONS[save_precision or "fp16"]
+    assert all(torch.equal(written[k], v.to(dtype)) for k, v in state.items())  # a cast, the same on both sides
     card = export.write_model_card(tmp_path, special_params=SPECIAL, base_model="b", name="full",
                                    sample_images=[], training_config=CONFIG).read_text()
-    assert "unet.safetensors" in card and "load_lora_weights" not in card
+    assert "from_single_file" in card and "sdxl_checkpoint.safetensors" in card and "load_lora_weights" not in card
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -316,7 +338,7 @@ def test_full_fine_tune_writes_unet_safetensors(pipe, embeddings, tmp_path):
     ({"special_params": {"TO/K": "<s0><s1><s2>"}}, "one word"),
     ({"save_precision": "int8"}, "save_precision 'int8'"),
     ({"lora_alpha": None}, "lora_alpha is required"),
-    ({"unet_full_state": {"w": torch.zeros(1)}}, "exactly one of"),
+    ({"full_checkpoint_state": {"w": torch.zeros(1)}}, "exactly one of"),
 ])
 def test_bad_export_input_fails_before_writing(exported, tmp_path, change, message):
     kwargs = dict(unet_lora_state=exported["state"], lora_alpha=8,

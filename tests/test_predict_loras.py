@@ -242,7 +242,8 @@ def test_local_paths_are_refused_unless_enabled_and_the_refusal_tells_nothing(pr
     monkeypatch.setattr(predictor.weights.cache, "settings", hosted)
     messages = set()
     for field, path in (("replicate_weights", str(tars["a"])), ("replicate_weights", "/no/such/file.tar"),
-                        ("replicate_weights", str(predictor.weights.cache.root)), ("extra_lora", str(tars["b"]))):
+                        ("replicate_weights", str(predictor.weights.cache.root)), ("extra_lora", str(tars["b"])),
+                        ("replicate_weights", f"{tars['a']}#step=2"), ("extra_lora", f"{tars['b']}#step=2")):
         with pytest.raises(ValueError) as error:
             one_image(predictor, **{field: path})
         messages.add(str(error.value).replace("[0]", ""))

@@ -121,7 +121,8 @@ def test_artifact_folder_holds_weights_samples_logs_and_loss_curve(main_run):
     out = result.output_dir
     for name in ("pytorch_lora_weights.safetensors", "embeddings.safetensors", "trained_model.safetensors",
                  "special_params.json", "training_config.json", "README.md", "loss.png",
-                 "samples/final-0.png", "samples/step-000003-0.png", "samples/step-000006-0.png"):
+                 "samples/final-0.png", "steps/000003/samples/step-000003-0.png",
+                 "steps/000006/samples/step-000006-0.png", "steps/contact_sheet.png"):
         assert (out / name).is_file(), name
     assert list((out / "logs").glob("events.out.tfevents.*"))
     assert json.loads((out / "special_params.json").read_text()) == {"TOK": "<s0><s1>"}
@@ -217,7 +218,7 @@ def test_full_finetune_with_buckets_prior_preservation_and_every_option(tmp_path
     result = trainer.export()
     changed = [k for k, v in trainer.unet.named_parameters() if not torch.equal(v, before[k])]
     assert len(changed) > len(before) // 2
-    assert (result.output_dir / "unet.safetensors").is_file()
+    assert (result.output_dir / "sdxl_checkpoint.safetensors").is_file()
     assert not (result.output_dir / "pytorch_lora_weights.safetensors").exists()
     assert result.special_params == {"TOK": "<s0>"}
     assert all(math.isfinite(x) for x in result.loss_history)

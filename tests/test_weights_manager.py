@@ -294,14 +294,24 @@ def test_embeddings_for_another_base_model_are_refused(manager, pipe, tmp_path):
 
 def test_full_unet_weights_apply_and_restore_exactly(manager, pipe, tars, tmp_path):
     base, base_state = render(pipe), effective_state(pipe)
-    unet = tiny_unet()
+    from diffusers import StableDiffusionXLPipeline
+
+    from pti.formats.sgm_checkpoint import SdxlShape, sgm_state
+    from pti.models.tiny_models import ensure_tiny_sdxl
+
+    fresh = StableDiffusionXLPipeline.from_pretrained(ensure_tiny_sdxl())
     generator = torch.Generator().manual_seed(3)
-    full = {k: v + 0.05 * torch.randn(v.shape, generator=generator)
-            for k, v in unet.state_dict().items() if ".attn2." in k and k.endswith("weight")}
+    full = {k: v + 0.05 * torch.randn(v.shape, generator=generator) if ".attn2." in k and k.endswith("weight") else v
+            for k, v in fresh.unet.state_dict().items()}
+    checkpoint = sgm_state(unet=full, vae=fresh.vae.state_dict(), text_encoder=fresh.text_encoder.state_dict(),
+                           text_encoder_2=fresh.text_encoder_2.state_dict(),
+                           shape=SdxlShape.from_configs(fresh.unet.config, fresh.vae.config),
+                           vocab_rows=(len(fresh.tokenizer), len(fresh.tokenizer_2)))
     out = tmp_path / "full"
     export.write_weight_files(out, unet_lora_state=None, lora_alpha=None, embeddings=random_embeddings(3),
                               special_params={"TOK": "<s0><s1>"}, training_config={},
-                              unet_layout=UNetLayout.from_unet_config(unet.config), unet_full_state=full)
+                              unet_layout=UNetLayout.from_unet_config(fresh.unet.config),
+                              full_checkpoint_state=checkpoint)
     manager.use(str(tars["a"]), 0.6)
     with_a, a_state = render(pipe), effective_state(pipe)
     manager.use(str(out), 0.6)

@@ -26,8 +26,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from pti.formats import lora_formats
+from pti.formats import lora_formats, sgm_checkpoint
 from pti.formats.lora_formats import UNetLayout
+from pti.formats.sgm_checkpoint import FULL_CHECKPOINT_FILE
 
 DIFFUSERS_LORA_FILE = "pytorch_lora_weights.safetensors"
 EMBEDDINGS_FILE = "embeddings.safetensors"
@@ -36,12 +37,11 @@ KOHYA_PLAIN_SUFFIX = "_kohya"  # <name>_kohya.safetensors: the kohya-layout LoRA
 SAVE_PRECISIONS = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 SPECIAL_PARAMS_FILE = "special_params.json"
 TRAINING_CONFIG_FILE = "training_config.json"
-FULL_UNET_FILE = "unet.safetensors"
 MODEL_CARD_FILE = "README.md"
 EMBEDDING_NAMES = ("clip_l", "clip_g")
 SDXL_BASE_VERSION = "sdxl_base_v1-0"
 MODELSPEC_ARCHITECTURE = "stable-diffusion-xl-v1-base/lora"
-RESERVED_NAMES = {Path(f).stem for f in (DIFFUSERS_LORA_FILE, EMBEDDINGS_FILE, FULL_UNET_FILE)}
+RESERVED_NAMES = {Path(f).stem for f in (DIFFUSERS_LORA_FILE, EMBEDDINGS_FILE, FULL_CHECKPOINT_FILE)}
 LIBRARIES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors")
 
 
@@ -185,35 +185,51 @@ def kohya_metadata(lora: lora_formats.PeftLora, *, name: str, special_params: di
     return meta
 
 
+def base_model_metadata(training_config: dict) -> dict[str, str]:
+    """kohya's base-model fields from ``training_config["base_model_source"]`` (name, url, sha256): the model name
+    A1111 shows and the SHA-256 of a single-file base (``ss_new_sd_model_hash``, as kohya writes it)."""
+    source = training_config.get("base_model_source") or {}
+    meta = {}
+    if source.get("name"):
+        meta["ss_sd_model_name"] = str(source["name"])
+    if source.get("sha256"):
+        meta["ss_new_sd_model_hash"] = str(source["sha256"])
+    return meta
+
+
 # ---------------------------------------------------------------- public API
 
 
 def write_weight_files(out_dir: Path, *, unet_lora_state: dict[str, Tensor] | None, lora_alpha: float | None,
                        embeddings: dict[str, Tensor], special_params: dict[str, str], training_config: dict,
                        unet_layout: UNetLayout, name: str = "trained_model",
-                       unet_full_state: dict[str, Tensor] | None = None, save_precision: str = "fp16") -> None:
+                       full_checkpoint_state: dict[str, Tensor] | None = None,
+                       save_precision: str = "fp16") -> None:
     """Write the weight files of the artifact contract into ``out_dir`` (created if missing).
 
     LoRA run: ``pytorch_lora_weights.safetensors`` and, unless it is a DoRA (which only diffusers applies as
     trained), ``<name>.safetensors`` (kohya layout with ``bundle_emb``, for A1111) and ``<name>_kohya.safetensors``
     (the same without ``bundle_emb``: Forge, ComfyUI, kohya's tools, InvokeAI). Full fine-tune
-    (``unet_full_state``): ``unet.safetensors``. Always ``embeddings.safetensors``, one
+    (``full_checkpoint_state``, the tensors of :func:`sgm_checkpoint.sgm_state`): ``sdxl_checkpoint.safetensors``,
+    a single-file SDXL checkpoint in the SGM layout. Always ``embeddings.safetensors``, one
     ``embeddings/<trigger>.safetensors`` per trigger word, ``special_params.json`` and ``training_config.json``
     (with library versions added). ``unet_layout`` is the trained UNet's block structure,
     ``UNetLayout.from_unet_config(unet.config)``, which names the kohya keys. Weights are written in
     ``save_precision`` (``fp16``, ``bf16`` or ``fp32``).
     """
-    if (unet_lora_state is None) == (unet_full_state is None):
-        raise ExportError("give exactly one of unet_lora_state (LoRA run) and unet_full_state (full fine-tune)")
+    if (unet_lora_state is None) == (full_checkpoint_state is None):
+        raise ExportError("give exactly one of unet_lora_state (LoRA run) and full_checkpoint_state (full fine-tune)")
     if save_precision not in SAVE_PRECISIONS:
         raise ExportError(f"save_precision {save_precision!r} is not one of {', '.join(SAVE_PRECISIONS)}")
     dtype = SAVE_PRECISIONS[save_precision]
     _check_name(name)
     _check_embeddings(embeddings, special_params)
     if unet_lora_state is not None:
-        unet_files = _lora_files(unet_lora_state, lora_alpha, embeddings, special_params, name, unet_layout)
+        unet_files = _lora_files(unet_lora_state, lora_alpha, embeddings, special_params, name, unet_layout,
+                                 base_model_metadata(training_config))
     else:
-        unet_files = {FULL_UNET_FILE: (unet_full_state, None)}
+        metadata = sgm_checkpoint.checkpoint_metadata(name, list(special_params))
+        unet_files = {FULL_CHECKPOINT_FILE: (full_checkpoint_state, metadata)}
     per_trigger = lora_formats.embeddings_by_trigger(embeddings, special_params)
     config = {**training_config, "library_versions": library_versions()}
     json.dumps(config, default=_json_value)  # refuse an unwritable config before anything is written
@@ -232,8 +248,10 @@ SafetensorsFile = tuple[dict[str, Tensor], dict[str, str] | None]
 
 
 def _lora_files(state: dict[str, Tensor], lora_alpha: float | None, embeddings: dict[str, Tensor],
-                special_params: dict[str, str], name: str, layout: UNetLayout) -> dict[str, SafetensorsFile]:
-    """The diffusers file and (plain LoRA only) the kohya files with and without bundled embeddings, by file name."""
+                special_params: dict[str, str], name: str, layout: UNetLayout,
+                base_metadata: dict[str, str]) -> dict[str, SafetensorsFile]:
+    """The diffusers file and (plain LoRA only) the kohya files with and without bundled embeddings, by file name;
+    ``base_metadata`` (:func:`base_model_metadata`) joins the kohya files' metadata."""
     if lora_alpha is None:
         raise ExportError("lora_alpha is required with unet_lora_state (the LoraConfig's lora_alpha)")
     try:
@@ -245,7 +263,7 @@ def _lora_files(state: dict[str, Tensor], lora_alpha: float | None, embeddings: 
         bundle = {**kohya, **lora_formats.split_embeddings_by_trigger(embeddings, special_params)}
     except lora_formats.LoraFormatError as err:
         raise ExportError(f"cannot export the UNet LoRA: {err}") from None
-    metadata = kohya_metadata(lora, name=name, special_params=special_params)
+    metadata = {**kohya_metadata(lora, name=name, special_params=special_params), **base_metadata}
     files[f"{name}.safetensors"] = (bundle, metadata)
     files[f"{name}{KOHYA_PLAIN_SUFFIX}.safetensors"] = (kohya, {**metadata, "ss_output_name": name + KOHYA_PLAIN_SUFFIX,
                                                                  "modelspec.title": name + KOHYA_PLAIN_SUFFIX})
@@ -266,7 +284,7 @@ def write_model_card(out_dir: Path, *, special_params: dict[str, str], base_mode
             raise ExportError(f"sample image {image} is not inside {out_dir}; the card links images in the artifact")
         links.append(image.relative_to(out_dir).as_posix())
     is_lora = (out_dir / DIFFUSERS_LORA_FILE).is_file()
-    if not is_lora and not (out_dir / FULL_UNET_FILE).is_file():
+    if not is_lora and not (out_dir / FULL_CHECKPOINT_FILE).is_file():
         raise ExportError(f"{out_dir} holds no UNet weights; call write_weight_files before write_model_card")
     has_kohya_files = (out_dir / f"{name}{KOHYA_PLAIN_SUFFIX}.safetensors").is_file()
     card = ModelCard(special_params, base_model, name, links, training_config, is_lora, has_kohya_files)
@@ -307,6 +325,11 @@ class ModelCard:
         return self.has_kohya_files
 
     @property
+    def _precision(self) -> str:
+        """The precision the weights were written in (runs from before ``save_precision`` wrote fp32)."""
+        return str(self.training_config.get("save_precision", "fp16"))
+
+    @property
     def _plain(self) -> str:
         return f"{self.name}{KOHYA_PLAIN_SUFFIX}"
 
@@ -334,7 +357,9 @@ With this repository's predictor, in A1111, Forge and ComfyUI write the trigger 
 {rows}"""
 
     def _files(self) -> str:
-        rows = [f"| `{DIFFUSERS_LORA_FILE if self.is_lora else FULL_UNET_FILE}` | UNet weights for diffusers |",
+        rows = [f"| `{DIFFUSERS_LORA_FILE}` | UNet weights for diffusers |" if self.is_lora else
+                f"| `{FULL_CHECKPOINT_FILE}` | the whole SDXL model, single-file SGM layout, {self._precision} "
+                "(A1111, Forge, ComfyUI, InvokeAI, diffusers `from_single_file`) |",
                 f"| `{EMBEDDINGS_FILE}` | new-token embeddings: `clip_l` (first text encoder), `clip_g` (second), "
                 f"one row per token `{''.join(self._tokens)}` |"]
         rows += [f"| `{TRIGGER_EMBEDDINGS_DIR}/{trigger}.safetensors` | `{trigger}` alone (`clip_l`/`clip_g`): an "
@@ -356,8 +381,13 @@ With this repository's predictor, in A1111, Forge and ComfyUI write the trigger 
         return table
 
     def _diffusers(self) -> str:
-        load_unet = (f'pipe.load_lora_weights(folder, weight_name="{DIFFUSERS_LORA_FILE}")' if self.is_lora
-                     else f'pipe.unet.load_state_dict(load_file(f"{{folder}}/{FULL_UNET_FILE}"))')
+        if self.is_lora:
+            make_pipe = (f'pipe = StableDiffusionXLPipeline.from_pretrained("{self.base_model}", '
+                         f'torch_dtype=dtype).to(device)\n'
+                         f'pipe.load_lora_weights(folder, weight_name="{DIFFUSERS_LORA_FILE}")')
+        else:
+            make_pipe = (f'pipe = StableDiffusionXLPipeline.from_single_file(f"{{folder}}/{FULL_CHECKPOINT_FILE}", '
+                         f'config="{self.base_model}", torch_dtype=dtype).to(device)')
         unload_unet = " `pipe.unload_lora_weights()` for the LoRA," if self.is_lora else ""
         trigger, tokens = self._first
         return f"""## diffusers
@@ -369,8 +399,7 @@ from safetensors.torch import load_file
 
 folder = "{self.name}"  # where the trained tar was extracted
 device, dtype = ("cuda", torch.float16) if torch.cuda.is_available() else ("cpu", torch.float32)
-pipe = StableDiffusionXLPipeline.from_pretrained("{self.base_model}", torch_dtype=dtype).to(device)
-{load_unet}
+{make_pipe}
 embeddings = load_file(f"{{folder}}/{EMBEDDINGS_FILE}")
 tokens = {self._tokens!r}
 pipe.load_textual_inversion(embeddings["clip_l"], token=tokens,
@@ -393,8 +422,14 @@ same with `text_encoder_2`/`tokenizer_2`."""
 
     def _comfyui(self) -> str:
         trigger = self._first[0]
-        lora = (f"Copy `{self._plain}.safetensors` to `ComfyUI/models/loras/` and add a *Load LoRA* node after the "
-                "checkpoint loader; " if self._has_kohya_files else "")
+        if self._has_kohya_files:
+            lora = (f"Copy `{self._plain}.safetensors` to `ComfyUI/models/loras/` and add a *Load LoRA* node after "
+                    "the checkpoint loader; ")
+        elif not self.is_lora:
+            lora = (f"Copy `{FULL_CHECKPOINT_FILE}` to `ComfyUI/models/checkpoints/` and pick it in *Load "
+                    "Checkpoint*; ")
+        else:
+            lora = ""
         return f"""## ComfyUI
 
 {lora}{self._embeddings_step("ComfyUI/models/embeddings/")} and write `embedding:{trigger}` in the prompt where
@@ -403,6 +438,11 @@ embeddings bundled in a LoRA."""
 
     def _a1111(self) -> str:
         trigger = self._first[0]
+        if not self.is_lora:
+            return f"""## AUTOMATIC1111
+
+Copy `{FULL_CHECKPOINT_FILE}` to `models/Stable-diffusion/` and pick it as the checkpoint;
+{self._embeddings_step("embeddings/")} and write `{trigger}` in the prompt."""
         if not self._has_kohya_files:
             return f"""## AUTOMATIC1111
 
@@ -415,6 +455,11 @@ write the LoRA tag and the trigger word in the prompt, e.g. `a photo of {trigger
 
     def _forge(self) -> str:
         trigger = self._first[0]
+        if not self.is_lora:
+            return f"""## Forge
+
+Copy `{FULL_CHECKPOINT_FILE}` to `models/Stable-diffusion/` and pick it as the checkpoint;
+{self._embeddings_step("embeddings/")} and write `{trigger}` in the prompt."""
         if not self._has_kohya_files:
             return f"""## Forge
 
@@ -427,6 +472,9 @@ copy `{self._plain}.safetensors` to `models/Lora/`, {self._embeddings_step("embe
 `a photo of {trigger} <lora:{self._plain}:1>`."""
 
     def _kohya(self) -> str:
+        if not self.is_lora:
+            return (f"## kohya sd-scripts\n\n`{FULL_CHECKPOINT_FILE}` is a checkpoint kohya's scripts take as "
+                    f"`--pretrained_model_name_or_path`, e.g. to train a LoRA on this model.")
         if not self._has_kohya_files:
             return "## kohya sd-scripts\n\nNo kohya-layout LoRA here (see Files)."
         return f"""## kohya sd-scripts
@@ -437,8 +485,13 @@ embeddings: keep using the files in `{TRIGGER_EMBEDDINGS_DIR}/` with the merged 
 
     def _invokeai(self) -> str:
         trigger = self._first[0]
-        lora = (f"Install `{self._plain}.safetensors` as a LoRA (InvokeAI refuses the bundled file's "
-                "`bundle_emb` keys) and " if self._has_kohya_files else "Install ")
+        if self._has_kohya_files:
+            lora = (f"Install `{self._plain}.safetensors` as a LoRA (InvokeAI refuses the bundled file's "
+                    "`bundle_emb` keys) and ")
+        elif not self.is_lora:
+            lora = f"Install `{FULL_CHECKPOINT_FILE}` as a main model and "
+        else:
+            lora = "Install "
         return f"""## InvokeAI
 
 {lora}`{TRIGGER_EMBEDDINGS_DIR}/{trigger}.safetensors` as a textual inversion; write `<{trigger}>` in the prompt."""

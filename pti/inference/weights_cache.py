@@ -42,10 +42,11 @@ OUR_LORA = "pytorch_lora_weights.safetensors"
 OUR_EMBEDDINGS = "embeddings.safetensors"
 COG_SDXL_LORA = "lora.safetensors"
 COG_SDXL_EMBEDDINGS = "embeddings.pti"
-FULL_UNET = "unet.safetensors"
+FULL_UNET = "unet.safetensors"  # full fine-tunes before single-file checkpoints
+FULL_CHECKPOINT = "sdxl_checkpoint.safetensors"  # a full fine-tune as a single-file SGM checkpoint
 SPECIAL_PARAMS = "special_params.json"
 BARE_LORA = "bare_lora.safetensors"  # a bare .safetensors LoRA source, as its cache entry holds it
-UNET_WEIGHT_FILES = (OUR_LORA, COG_SDXL_LORA, FULL_UNET)
+UNET_WEIGHT_FILES = (OUR_LORA, COG_SDXL_LORA, FULL_CHECKPOINT, FULL_UNET)
 
 
 class WeightsError(ValueError):

@@ -5,6 +5,7 @@ One setting names the base model everywhere: env ``SDXL_MODEL`` (or an explicit 
 * a Hugging Face repo id (default ``stabilityai/stable-diffusion-xl-base-1.0``), downloaded once into the
   hub cache; in half precision the fp16-safe VAE ``madebyollin/sdxl-vae-fp16-fix`` replaces the stock one;
 * a local directory in diffusers layout;
+* a single-file SDXL checkpoint (``.safetensors``, SGM layout), a local path or an https URL (:mod:`single_file`);
 * ``mini-world``: the tiny architecture pretrained on the toy world of captioned shapes (``pti/toyworld``);
 * ``tiny``: a small pipeline of the real SDXL classes with random weights, built from a fixed seed on first
   use and cached on disk (see :mod:`tiny_models`). Tests, the demo and CPU benchmarks use it.
@@ -18,10 +19,13 @@ touched.
 from __future__ import annotations
 
 import os
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from pti.models import single_file
 
 DEFAULT_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 FP16_VAE = "madebyollin/sdxl-vae-fp16-fix"
@@ -185,16 +189,53 @@ def load_sdxl_pipeline(spec: str | None = None, runtime: Runtime | None = None, 
 
     runtime = runtime or pick_runtime()
     pipeline_class = pipeline_class or StableDiffusionXLPipeline
-    source = resolve_model_dir(spec)
-    kwargs = pretrained_kwargs(source, runtime)
-    if runtime.dtype == torch.float16 and (is_hub_id(source) or is_weights_copy(source)):
-        vae_source = resolve_source(FP16_VAE)
-        kwargs["vae"] = AutoencoderKL.from_pretrained(vae_source, dtype=torch.float16)
-    pipe = pipeline_class.from_pretrained(source, **kwargs)
+    if single_file.is_single_file(model_spec(spec)):
+        pipe = single_file.load_pipeline(checked_base_file(spec), reference_config(), runtime.dtype, pipeline_class,
+                                         _label(model_spec(spec)))
+    else:
+        source = resolve_model_dir(spec)
+        kwargs = pretrained_kwargs(source, runtime)
+        if runtime.dtype == torch.float16 and (is_hub_id(source) or is_weights_copy(source)):
+            vae_source = resolve_source(FP16_VAE)
+            kwargs["vae"] = AutoencoderKL.from_pretrained(vae_source, dtype=torch.float16)
+        pipe = pipeline_class.from_pretrained(source, **kwargs)
     pipe.set_progress_bar_config(disable=True)
     if runtime.device.type == "cpu":
         _copy_into_process_memory(pipe)
     return pipe.to(runtime.device)
+
+
+def _label(spec: str) -> str:
+    return single_file.redacted(spec) if single_file.is_url(spec) else spec
+
+
+def checked_base_file(spec: str | None = None) -> Path:
+    """The single-file base model on disk (an https URL is downloaded once into the cache), checked to be an SDXL
+    base checkpoint; :class:`single_file.BaseModelError` (one line) otherwise."""
+    from pti.models.build_cache import cache_root
+
+    spec = model_spec(spec)
+    path = single_file.local_file(spec, cache_root() / "base-models")
+    single_file.check_sdxl_checkpoint(path, _label(spec))
+    return path
+
+
+def reference_config() -> Path | str:
+    """Where a single file's configs and tokenizers come from: the diffusers model ``SDXL_MODEL`` names (the SDXL
+    base when that is itself a single file), read offline."""
+    spec = model_spec()
+    return resolve_model_dir(DEFAULT_MODEL if single_file.is_single_file(spec) else spec)
+
+
+def base_model_source(spec: str | None = None) -> single_file.BaseModelSource:
+    """Name, URL and SHA-256 (single files) of the base model, for training_config.json and the metadata."""
+    spec = model_spec(spec)
+    if not single_file.is_single_file(spec):
+        return single_file.BaseModelSource(spec, None, None)
+    path = checked_base_file(spec)
+    url = single_file.redacted(spec) if single_file.is_url(spec) else None
+    name = Path(urllib.parse.urlsplit(spec).path).name if url else path.name
+    return single_file.BaseModelSource(name, url, single_file.file_sha256(path))
 
 
 def _copy_into_process_memory(pipe) -> None:

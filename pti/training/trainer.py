@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import random
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from pti.models import base_model
+from pti.models.single_file import BaseModelSource
 from pti.training.checkpoints import (
     Checkpoint,
     CheckpointError,
@@ -302,6 +304,7 @@ class Trainer:
         self.step = 0  # optimizer steps done
         self.loss_history: list[float] = []
         self.sample_images: list[Path] = []
+        self.step_samples: dict[int, list[Path]] = {}  # intermediate step → its validation samples (main process)
         self.text_cache: TextCache | None = None
         self.run_id = uuid.uuid4().hex[:12]  # names this run's markers in shared folders (Trainer.create: the main's)
         self.output_dir = Path(settings.output_dir)
@@ -721,12 +724,13 @@ class Trainer:
         return float(np.mean(losses))
 
     @torch.no_grad()
-    def render_samples(self, tag: str) -> list[Path]:
-        """Render the validation prompts with the in-memory pipeline into ``samples/``."""
+    def render_samples(self, tag: str, out_dir: Path | None = None) -> list[Path]:
+        """Render the validation prompts with the in-memory pipeline into ``samples/`` of ``out_dir`` (default: the
+        artifact folder)."""
         s = self.settings
         if not s.validation_prompts or not self.accelerator.is_main_process:
             return []
-        folder = self.output_dir / "samples"
+        folder = (out_dir or self.output_dir) / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         height, width = (int(v) for v in self.dataset.items[0].time_ids[4:6])
         encoders_device = self.text_encoders[0].device
@@ -756,8 +760,19 @@ class Trainer:
                 step=self.step, trainable=self._trainable_state(), embeddings=self.embeddings.embeddings(),
                 optimizer_state=self.optimizer.state_dict(), scheduler_state=self.lr_scheduler.state_dict(),
                 rng=capture_rng(), loss_history=self.loss_history))
-            self.render_samples(f"step-{self.step:06d}")
+            self._save_step_weights()
         self.accelerator.wait_for_everyone()
+
+    def _save_step_weights(self) -> None:
+        """``steps/<step>/``: this step's validation samples and, in a LoRA run, its weights in every format of the
+        final ones (a full fine-tune's whole UNet per step would multiply the tar's size: samples only)."""
+        from pti.formats import steps
+
+        folder = steps.step_folder(self.output_dir, self.step)
+        samples = self.render_samples(f"step-{self.step:06d}", folder)
+        self.step_samples[self.step] = samples
+        if self.settings.is_lora:
+            self._write_weights(folder, {**self.training_config(), "step": self.step})
 
     def _load_checkpoint(self, folder: Path) -> None:
         checkpoint = load_checkpoint(folder)
@@ -789,8 +804,9 @@ class Trainer:
     def training_config(self) -> dict:
         """Every setting and what it implied; export adds the library versions."""
         return {
-            "settings": self.settings.as_config(),
-            "base_model": base_model.model_spec(self.settings.base_model),
+            "settings": self._settings_config(),
+            "base_model": self.base_source.url or self.base_source.name,
+            "base_model_source": self.base_source.as_config(),
             "num_images": len(self.dataset),
             "total_steps": self.plan.total_steps,
             "pivot_step": self.plan.pivot_step,
@@ -804,11 +820,24 @@ class Trainer:
             "special_params": special_params(self.plan.triggers),
         }
 
-    def export(self) -> TrainingResult:
-        """Final samples, loss curve and the weight files/model card (main process only)."""
-        from peft import get_peft_model_state_dict
+    @functools.cached_property
+    def base_source(self) -> BaseModelSource:
+        """Name, URL and SHA-256 of the base model (a single file is hashed once per run)."""
+        return base_model.base_model_source(self.settings.base_model)
 
-        from pti.formats import export
+    def _settings_config(self) -> dict:
+        """The settings as recorded, with a base-model URL's query string (a signed URL's token) left out."""
+        config = self.settings.as_config()
+        if config["base_model"] is not None:
+            config["base_model"] = self.base_source.url or config["base_model"]
+        if isinstance(config["inputs"], dict) and config["inputs"].get("base_model"):
+            config["inputs"] = {**config["inputs"], "base_model": config["base_model"]}
+        return config
+
+    def export(self) -> TrainingResult:
+        """Final samples, loss curve, the steps' contact sheet and the weight files/model card (main process
+        only)."""
+        from pti.formats import export, steps
         s = self.settings
         params = special_params(self.plan.triggers)
         embeddings = self.embeddings.embeddings()
@@ -816,20 +845,54 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             self.sample_images = self.render_samples("final")
             draw_loss_curve(self.loss_history, self.output_dir / "loss.png", self.plan.pivot_step)
-            config = self.training_config()
-            export.write_weight_files(
-                self.output_dir,
-                unet_lora_state=get_peft_model_state_dict(self.unet) if s.is_lora else None,
-                lora_alpha=s.alpha if s.is_lora else None,
-                embeddings=embeddings, special_params=params, training_config=config, name=s.name,
-                unet_layout=UNetLayout.from_unet_config(self.unet.config),
-                unet_full_state=None if s.is_lora else _cpu_state(self.unet), save_precision=s.save_precision,
-            )
+            self._write_steps_contact_sheet()
+            saved = steps.saved_steps(self.output_dir) if s.is_lora else []
+            config = {**self.training_config(), "saved_steps": saved}
+            self._write_weights(self.output_dir, config)
             export.write_model_card(self.output_dir, special_params=params, base_model=config["base_model"],
                                     name=s.name, sample_images=self.sample_images, training_config=config)
         self.accelerator.wait_for_everyone()
         return TrainingResult(self.output_dir, self.plan.total_steps, self.plan.pivot_step, list(self.loss_history),
                               self.sample_images, params, embeddings)
+
+    def _write_weights(self, folder: Path, config: dict) -> None:
+        """The weight files of the current state (final or an intermediate step) into ``folder``."""
+        from peft import get_peft_model_state_dict
+
+        from pti.formats import export
+        s = self.settings
+        export.write_weight_files(
+            folder,
+            unet_lora_state=get_peft_model_state_dict(self.unet) if s.is_lora else None,
+            lora_alpha=s.alpha if s.is_lora else None,
+            embeddings=self.embeddings.embeddings(), special_params=special_params(self.plan.triggers),
+            training_config=config, name=s.name, unet_layout=UNetLayout.from_unet_config(self.unet.config),
+            full_checkpoint_state=None if s.is_lora else self._full_checkpoint_state(),
+            save_precision=s.save_precision,
+        )
+
+    def _full_checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """A full fine-tune as one SGM-layout SDXL file: the trained UNet with the base VAE and text encoders (their
+        token tables cut back to the base vocabulary; the new tokens are in the embeddings file), in the save
+        precision."""
+        from pti.formats.sgm_checkpoint import SdxlShape, sgm_state
+
+        pipe = self.pipe
+        return sgm_state(unet=self.unet.state_dict(), vae=pipe.vae.state_dict(),
+                         text_encoder=pipe.text_encoder.state_dict(), text_encoder_2=pipe.text_encoder_2.state_dict(),
+                         shape=SdxlShape.from_configs(self.unet.config, pipe.vae.config),
+                         vocab_rows=tuple(int(ids.min()) for ids in self.embeddings.token_ids),
+                         dtype=SAVE_PRECISIONS[self.settings.save_precision])
+
+    def _write_steps_contact_sheet(self) -> None:
+        """``steps/contact_sheet.png``: a row of samples per saved step and one for the final weights."""
+        from pti.formats import steps
+
+        rows = [steps.SheetRow(f"step {step}", images) for step, images in sorted(self.step_samples.items()) if images]
+        if rows and self.sample_images:
+            rows.append(steps.SheetRow(f"final ({self.plan.total_steps})", self.sample_images))
+            steps.write_steps_contact_sheet(rows, list(self.settings.validation_prompts),
+                                            self.output_dir / steps.STEPS_DIR / steps.CONTACT_SHEET_FILE)
 
 
 def draw_loss_curve(losses: list[float], path: Path, pivot_step: int) -> None:
@@ -861,10 +924,6 @@ def _training_noise_scheduler(scheduler):
     from diffusers import DDPMScheduler
 
     return DDPMScheduler.from_config(scheduler.config)
-
-
-def _cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
 
 
 def _from_main_process(seed: int, run_id: str) -> tuple[int, str]:
