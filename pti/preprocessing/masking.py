@@ -62,15 +62,69 @@ def apply_floor(mask: Image.Image, floor: float) -> Image.Image:
     return mask.point(lambda value: max(value, low))
 
 
-class FaceMasker:
-    """Mediapipe's bundled short- and full-range face detectors plus face mesh; works offline. Use as a context
-    manager: the graphs hold native resources."""
+@dataclass(frozen=True)
+class FaceSearch:
+    """How hard the face masker looks. Mediapipe's detectors miss faces rolled far from upright (a head bowed and
+    turned aside, a photo stored sideways), so the photo is also turned before detecting, and the first turn with a
+    face wins. Turning also multiplies the detectors' false faces (a coffee cup, a knitted toy), so a detection counts
+    only if the face mesh finds a face on a crop around it or the detector is sure enough; profiles, which the mesh
+    rarely finds, pass on their score. The upright photo, the likeliest pose, asks less than turned copies."""
 
-    def __init__(self, detection_max_side: int, floor: float) -> None:
+    turns: tuple[float, ...] = (0.0, 30.0, -30.0, 60.0, -60.0, 90.0, -90.0, 180.0)  # degrees anticlockwise, in order
+    sure_score_upright: float = 0.7
+    sure_score_turned: float = 0.8
+
+    def sure_score(self, degrees: float) -> float:
+        return self.sure_score_upright if degrees == 0 else self.sure_score_turned
+
+
+@dataclass(frozen=True)
+class Turn:
+    """The photo turned `degrees` counter-clockwise about its centre onto a canvas that holds all of it, as PIL's
+    rotate(expand=True) does; maps turned-canvas points back to photo points."""
+
+    degrees: float
+    width: int
+    height: int
+
+    def turned(self, image: Image.Image) -> np.ndarray:
+        if self.degrees == 0:
+            return np.asarray(image)
+        return np.asarray(image.rotate(self.degrees, Image.Resampling.BILINEAR, expand=True))
+
+    def to_photo(self, x: float, y: float, canvas: tuple[int, int]) -> tuple[float, float]:
+        if self.degrees == 0:
+            return x, y
+        angle = math.radians(self.degrees)
+        dx, dy = x - canvas[0] / 2, y - canvas[1] / 2
+        return (self.width / 2 + math.cos(angle) * dx - math.sin(angle) * dy,
+                self.height / 2 + math.sin(angle) * dx + math.cos(angle) * dy)
+
+    def box_to_photo(self, box: FaceBox, canvas: tuple[int, int]) -> FaceBox:
+        corners = [self.to_photo(x, y, canvas) for x in (box.left, box.right) for y in (box.top, box.bottom)]
+        xs, ys = [x for x, _ in corners], [y for _, y in corners]
+        return FaceBox(max(0.0, min(xs)), max(0.0, min(ys)), min(float(self.width), max(xs)),
+                       min(float(self.height), max(ys)))
+
+
+@dataclass(frozen=True)
+class FoundFace:
+    face: FaceBox  # photo (detection copy) coordinates
+    ellipse: list[tuple[float, float]]  # the detection box's inscribed ellipse, grown, photo coordinates
+    outline: list[tuple[float, float]] | None  # the mesh's face oval, photo coordinates; None when the mesh failed
+    turn: float  # degrees the photo was turned when the face was found
+
+
+class FaceMasker:
+    """Mediapipe's bundled full- and short-range face detectors plus face mesh, on the photo and on turned copies of
+    it (see FaceSearch); works offline. Use as a context manager: the graphs hold native resources."""
+
+    def __init__(self, detection_max_side: int, floor: float, search: FaceSearch = FaceSearch()) -> None:
         from mediapipe.python.solutions import face_detection, face_mesh
 
         self.detection_max_side = detection_max_side
         self.floor = floor
+        self.search = search
         self.detectors = [face_detection.FaceDetection(model_selection=selection,
                                                        min_detection_confidence=MIN_DETECTION_CONFIDENCE)
                           for selection in (1, 0)]  # full range (people further away) first, then close-up
@@ -88,30 +142,40 @@ class FaceMasker:
     def face_mask(self, photo: Image.Image) -> FaceMask | None:
         """A feathered mask over the largest face, or None when no face is found."""
         small, factor = downscaled(photo, self.detection_max_side)
-        pixels = np.asarray(small)
-        face = self.largest_face(pixels)
-        if face is None:
+        found = self.find_face(small)
+        if found is None:
             return None
-        outline = self.face_outline(pixels, face)
         mask_small = Image.new("L", small.size, 0)
         draw = ImageDraw.Draw(mask_small)
-        if outline is not None:
-            draw.polygon(grown_polygon(outline, FACE_OVAL_GROWTH), fill=255)
-        else:
-            draw.ellipse(grown_box(face, FACE_OVAL_GROWTH), fill=255)
-        radius = max(1.0, FEATHER_FRACTION * (face.right - face.left))
+        draw.polygon(found.ellipse, fill=255)  # the mesh's oval of a face seen from the side can be a thin crescent
+        if found.outline is not None:
+            draw.polygon(grown_polygon(found.outline, FACE_OVAL_GROWTH), fill=255)
+        radius = max(1.0, FEATHER_FRACTION * (found.face.right - found.face.left))
         mask_small = mask_small.filter(ImageFilter.GaussianBlur(radius))
         mask = mask_small.resize(photo.size, Image.Resampling.BILINEAR) if factor != 1.0 else mask_small
-        return FaceMask(mask=apply_floor(mask, self.floor), face=face.scaled(1 / factor), from_mesh=outline is not None)
+        return FaceMask(mask=apply_floor(mask, self.floor), face=found.face.scaled(1 / factor),
+                        from_mesh=found.outline is not None)
 
-    def largest_face(self, pixels: np.ndarray) -> FaceBox | None:
-        height, width = pixels.shape[:2]
-        for detector in self.detectors:
-            detections = detector.process(pixels).detections or []
-            boxes = [relative_box_to_pixels(d.location_data.relative_bounding_box, width, height) for d in detections]
-            if boxes:
-                return max(boxes, key=lambda box: box.area)
+    def find_face(self, image: Image.Image) -> FoundFace | None:
+        """The largest face that counts (see FaceSearch) on the first turn of the photo that has one."""
+        for degrees in self.search.turns:
+            turn = Turn(degrees, image.width, image.height)
+            pixels = turn.turned(image)
+            canvas = (pixels.shape[1], pixels.shape[0])
+            for box, score in sorted(self.detections(pixels), key=lambda found: found[0].area, reverse=True):
+                outline = self.face_outline(pixels, box)
+                if outline is None and score < self.search.sure_score(degrees):
+                    continue
+                photo_outline = None if outline is None else [turn.to_photo(x, y, canvas) for x, y in outline]
+                ellipse = [turn.to_photo(x, y, canvas) for x, y in ellipse_points(box, FACE_OVAL_GROWTH)]
+                return FoundFace(turn.box_to_photo(box, canvas), ellipse, photo_outline, degrees)
         return None
+
+    def detections(self, pixels: np.ndarray) -> list[tuple[FaceBox, float]]:
+        """Every face either detector finds, with its score."""
+        height, width = pixels.shape[:2]
+        return [(relative_box_to_pixels(found.location_data.relative_bounding_box, width, height), found.score[0])
+                for detector in self.detectors for found in detector.process(pixels).detections or []]
 
     def face_outline(self, pixels: np.ndarray, face: FaceBox) -> list[tuple[float, float]] | None:
         """The face-mesh oval of `face`, found on a crop around it so the mesh cannot pick another face."""
@@ -143,10 +207,12 @@ def grown_polygon(points: list[tuple[float, float]], growth: float) -> list[tupl
     return [(cx + (x - cx) * growth, cy + (y - cy) * growth) for x, y in ordered]
 
 
-def grown_box(face: FaceBox, growth: float) -> tuple[float, float, float, float]:
+def ellipse_points(face: FaceBox, growth: float, count: int = 48) -> list[tuple[float, float]]:
+    """Points around the box's inscribed ellipse, grown about its centre; a polygon, so it can be turned."""
     cx, cy = face.centre
     half_w, half_h = (face.right - face.left) / 2 * growth, (face.bottom - face.top) / 2 * growth
-    return cx - half_w, cy - half_h, cx + half_w, cy + half_h
+    return [(cx + half_w * math.cos(2 * math.pi * k / count), cy + half_h * math.sin(2 * math.pi * k / count))
+            for k in range(count)]
 
 
 class ClipSegMasker:
