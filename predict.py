@@ -151,3 +151,12 @@ class Predictor(BasePredictor):
         self.record_metric("width", width)
         self.record_metric("height", height)
         return [Path(p) for p in paths]
+
+
+def default_inputs() -> dict:
+    """Every ``predict()`` input at its default, for calling the predictor from Python (benchmarks, tests, scripts):
+    called directly, an omitted input would arrive as Cog's ``Input(...)`` object, not its default."""
+    import inspect
+
+    return {name: parameter.default.default for name, parameter in inspect.signature(Predictor.predict).parameters.items()
+            if name != "self"}

@@ -80,14 +80,15 @@ class Sampling:
 def predictor_generator(predictor, weights: str | None, sampling: Sampling):
     """prompts, seed → images, one ``predict()`` call per prompt as a client would make it."""
     def generate(prompts: list[str], seed: int) -> list[Image.Image]:
+        from predict import default_inputs
+
         images = []
         for index, prompt in enumerate(prompts):
-            (path,) = predictor.predict(
-                prompt=prompt, negative_prompt="", image=None, mask=None, width=64, height=64, num_outputs=1,
-                scheduler="K_EULER", num_inference_steps=sampling.steps, guidance_scale=sampling.guidance,
-                prompt_strength=0.8, seed=seed + index, refine="no_refiner", high_noise_frac=0.8, refine_steps=None,
-                apply_watermark=False, lora_scale=sampling.lora_scale, replicate_weights=weights,
-                disable_safety_checker=True, output_format="png", output_quality=100)
+            (path,) = predictor.predict(**{
+                **default_inputs(), "prompt": prompt, "width": 64, "height": 64, "scheduler": "K_EULER",
+                "num_inference_steps": sampling.steps, "guidance_scale": sampling.guidance, "seed": seed + index,
+                "apply_watermark": False, "lora_scale": sampling.lora_scale, "replicate_weights": weights,
+                "disable_safety_checker": True, "output_format": "png"})
             with Image.open(path) as image:
                 images.append(image.convert("RGB"))
         return images

@@ -37,13 +37,14 @@ def training_images(archive: Path, count: int) -> list[Image.Image]:
 
 
 def generate(predictor, weights: str | None, count: int) -> list[Image.Image]:
+    from predict import default_inputs
+
     images = []
     for seed in range(count):
-        (path,) = predictor.predict(
-            prompt=PROMPT, negative_prompt="", image=None, mask=None, width=64, height=64, num_outputs=1,
-            scheduler="K_EULER", num_inference_steps=20, guidance_scale=5.0, prompt_strength=0.8, seed=seed,
-            refine="no_refiner", high_noise_frac=0.8, refine_steps=None, apply_watermark=False, lora_scale=1.0,
-            replicate_weights=weights, disable_safety_checker=True, output_format="png", output_quality=100)
+        (path,) = predictor.predict(**{
+            **default_inputs(), "prompt": PROMPT, "width": 64, "height": 64, "scheduler": "K_EULER",
+            "num_inference_steps": 20, "guidance_scale": 5.0, "seed": seed, "apply_watermark": False,
+            "lora_scale": 1.0, "replicate_weights": weights, "disable_safety_checker": True, "output_format": "png"})
         with Image.open(path) as image:
             images.append(image.convert("RGB"))
     return images

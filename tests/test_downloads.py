@@ -98,7 +98,7 @@ def test_a_compressed_tar_cannot_push_the_cache_over_its_budget(tmp_path):
     packed = tmp_path / "weights.tar.gz"
     packed.write_bytes(gzip.compress(raw.getvalue()))
     assert packed.stat().st_size < 10 * 1024
-    cache = wc.WeightsCache(settings(tmp_path / "cache", max_cache_bytes=500 * 1024))
+    cache = wc.WeightsCache(settings(tmp_path / "cache", max_cache_bytes=500 * 1024, allow_local_paths=True))
     with pytest.raises(wc.WeightsError, match="no room"):
         cache.ensure(str(packed))
     assert cache.entries() == [] and list(cache.root.iterdir()) == []
