@@ -17,6 +17,8 @@ from typing import Optional, Union
 from cog import BasePredictor, Input, Path
 
 from pti.inference.generation import (
+    MAX_IMAGE_SIDE,
+    MIN_IMAGE_SIDE,
     OUTPUT_FORMATS,
     REFINE_MODES,
     SCHEDULERS,
@@ -26,7 +28,7 @@ from pti.inference.generation import (
     load_models,
     validate_request,
 )
-from weights_manager import WeightsChoice, WeightsManager, WeightsSettings, extra_lora_choices
+from weights_manager import WeightsChoice, WeightsManager, WeightsSettings, check_lora_scale, extra_lora_choices
 
 logger = logging.getLogger(__name__)
 
@@ -71,8 +73,14 @@ class Predictor(BasePredictor):
             description="Input mask for inpaint mode. Black areas will be preserved, white areas will be inpainted.",
             default=None,
         ),
-        width: int = Input(description="Width of output image", default=1024),
-        height: int = Input(description="Height of output image", default=1024),
+        width: int = Input(
+            description="Width of output image: a multiple of 8 (not used by img2img, which keeps the input "
+            "image's size)", ge=MIN_IMAGE_SIDE, le=MAX_IMAGE_SIDE, default=1024,
+        ),
+        height: int = Input(
+            description="Height of output image: a multiple of 8 (not used by img2img, which keeps the input "
+            "image's size)", ge=MIN_IMAGE_SIDE, le=MAX_IMAGE_SIDE, default=1024,
+        ),
         num_outputs: int = Input(description="Number of images to output.", ge=1, le=4, default=1),
         scheduler: str = Input(description="scheduler", choices=list(SCHEDULERS), default="K_EULER"),
         num_inference_steps: int = Input(description="Number of denoising steps", ge=1, le=500, default=50),
@@ -139,6 +147,7 @@ class Predictor(BasePredictor):
             disable_safety_checker=disable_safety_checker, output_format=output_format, output_quality=output_quality,
         )
         validate_request(request, self.models.settings)
+        check_lora_scale("lora_scale", lora_scale)
         choices = extra_lora_choices(extra_lora, extra_lora_scale)
         if replicate_weights:
             choices.insert(0, WeightsChoice(replicate_weights, lora_scale, "replicate_weights"))

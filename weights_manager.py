@@ -564,6 +564,12 @@ class WeightsChoice:
 MAX_LORA_SCALE = 2.0
 
 
+def check_lora_scale(field: str, scale: float) -> None:
+    """A one-line :class:`WeightsError` naming ``field`` unless ``scale`` is within 0..MAX_LORA_SCALE."""
+    if not 0 <= scale <= MAX_LORA_SCALE:
+        raise WeightsError(f"{field}={scale} is outside 0..{MAX_LORA_SCALE:g}")
+
+
 def extra_lora_choices(extra_lora: str | Sequence[str] | None,
                        extra_lora_scale: float | Sequence[float]) -> list[WeightsChoice]:
     """The ``extra_lora`` / ``extra_lora_scale`` inputs as choices (one scale for all, or one per LoRA); a
@@ -584,8 +590,8 @@ def extra_lora_choices(extra_lora: str | Sequence[str] | None,
         raise WeightsError(f"extra_lora_scale has {len(scales)} scales for {len(sources)} extra_lora; give one "
                            f"for all or one per LoRA")
     for index, scale in enumerate(scales):
-        if not 0 <= scale <= MAX_LORA_SCALE:
-            raise WeightsError(f"extra_lora_scale[{index}]={scale} is outside 0..{MAX_LORA_SCALE:g}")
+        check_lora_scale("extra_lora_scale" if isinstance(extra_lora_scale, (int, float))
+                         else f"extra_lora_scale[{index}]", scale)
     return [WeightsChoice(source, float(scale), f"extra_lora[{index}]")
             for index, (source, scale) in enumerate(zip(sources, scales))]
 

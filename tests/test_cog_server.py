@@ -135,6 +135,8 @@ INVALID = [
     ("predict", "lora_scale", 2.5, "greater than the maximum"),
     ("predict", "extra_lora_scale", "strong", "is not valid under any of the schemas"),
     ("predict", "extra_lora", 7, "is not valid under any of the schemas"),
+    ("predict", "width", 4096, "greater than the maximum"),
+    ("predict", "height", 32, "less than the minimum"),
     ("train", "max_train_steps", "many", "is not of type"),
     ("train", "resolution", 512.5, "is not of type"),
     ("train", "lora_rank", 0, "less than the minimum"),
@@ -215,6 +217,13 @@ def test_what_cog_predict_sends_for_at_file_works_and_local_paths_are_refused(se
     assert _failure(server, replicate_weights=str(trained_tar)) == refusal
     assert _failure(server, replicate_weights="/no/such/weights.tar") == refusal
     assert _failure(server, extra_lora=[str(trained_tar)]) == refusal.replace("replicate_weights", "extra_lora[0]")
+
+
+def test_what_only_the_predictor_checks_fails_with_one_line_naming_the_input(servers):
+    server = servers["predict"]
+    assert _failure(server, width=1001) == "width=1001 is not a multiple of 8; the nearest are 1000 and 1008"
+    assert _failure(server, scheduler="PNDM", num_inference_steps=3) == \
+        "scheduler=PNDM needs num_inference_steps >= 4, got 3"
 
 
 def test_servers_stay_healthy_after_bad_requests(servers):

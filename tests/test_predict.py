@@ -7,6 +7,7 @@ import base64
 import inspect
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -301,6 +302,68 @@ def test_errors_are_one_line_and_the_next_prediction_works(predictor, bad_weight
     assert "\n" not in str(error.value), str(error.value)
     assert_images_close(one_image(predictor), base)
     assert_same_state(state(predictor), base_state, "after the error")
+
+
+NOT_AN_IMAGE = Path(__file__)  # a Python file: no image format reads it
+REJECTED = [  # (inputs, the field the one-line error must start with, its exact text where it says what would do)
+    (dict(width=1001), "width", "width=1001 is not a multiple of 8; the nearest are 1000 and 1008"),
+    (dict(width=1000, height=1001), "height", "height=1001 is not a multiple of 8; the nearest are 1000 and 1008"),
+    (dict(height=56), "height", "height=56 is outside 64..2048 pixels"),
+    (dict(width=4096), "width", "width=4096 is outside 64..2048 pixels"),
+    (dict(image="INPUT", mask="MASK", width=100), "width", None),  # inpainting draws at width x height
+    (dict(mask="MASK"), "mask", "mask: given without image (inpainting needs both)"),
+    (dict(image=NOT_AN_IMAGE), "image", None),
+    (dict(image="INPUT", mask=NOT_AN_IMAGE), "mask", None),
+    (dict(num_outputs=5), "num_outputs", "num_outputs=5 is outside 1..4"),
+    (dict(scheduler="NOPE"), "scheduler", None),
+    (dict(scheduler="PNDM", num_inference_steps=3), "scheduler",
+     "scheduler=PNDM needs num_inference_steps >= 4, got 3"),
+    (dict(num_inference_steps=0), "num_inference_steps", "num_inference_steps=0 is outside 1..500"),
+    (dict(num_inference_steps=501), "num_inference_steps", "num_inference_steps=501 is outside 1..500"),
+    (dict(guidance_scale=0.5), "guidance_scale", "guidance_scale=0.5 is outside 1..50"),
+    (dict(guidance_scale=float("nan")), "guidance_scale", "guidance_scale=nan is outside 1..50"),
+    (dict(prompt_strength=1.5), "prompt_strength", "prompt_strength=1.5 is outside 0..1"),
+    (dict(image="INPUT", prompt_strength=0.2), "prompt_strength", None),  # 0.2 of 2 steps is none
+    (dict(high_noise_frac=-0.1), "high_noise_frac", "high_noise_frac=-0.1 is outside 0..1"),
+    (dict(seed=2**64), "seed", f"seed={2**64} is outside {-2**63}..{2**64 - 1}"),
+    (dict(refine="sideways"), "refine", None),
+    (dict(refine_steps=0), "refine_steps", "refine_steps=0 must be at least 1"),
+    (dict(refine="base_image_refiner", refine_steps=3), "refine_steps", None),
+    (dict(refine="base_image_refiner"), "num_inference_steps", None),  # refine_steps defaults to the 2 steps
+    (dict(lora_scale=2.5), "lora_scale", "lora_scale=2.5 is outside 0..2"),
+    (dict(lora_scale=-0.1), "lora_scale", "lora_scale=-0.1 is outside 0..2"),
+    (dict(extra_lora="x", extra_lora_scale=3.0), "extra_lora_scale", "extra_lora_scale=3.0 is outside 0..2"),
+    (dict(replicate_weights="data:application/x-tar;base64"), "replicate_weights", None),
+    (dict(output_format="gif"), "output_format", None),
+    (dict(output_quality=101), "output_quality", "output_quality=101 is outside 0..100"),
+]
+
+
+@pytest.mark.parametrize("inputs, field, message", REJECTED,
+                         ids=[f"{field}-{'-'.join(map(str, inputs.values()))}"[:60] for inputs, field, _ in REJECTED])
+def test_every_rejected_input_is_one_line_starting_with_its_field(predictor, tmp_path, inputs, field, message):
+    """What a Python caller (or a Cog request past the schema) gets: the field first, then what is wrong."""
+    Image.new("RGB", (64, 64), "gray").save(tmp_path / "input.png")
+    Image.new("L", (64, 64), 255).save(tmp_path / "mask.png")
+    files = {"INPUT": tmp_path / "input.png", "MASK": tmp_path / "mask.png"}
+    inputs = {name: files.get(value, value) if isinstance(value, str) else value for name, value in inputs.items()}
+    before = state(predictor)
+    with pytest.raises(ValueError) as error:
+        run(predictor, **inputs)
+    text = str(error.value)
+    assert "\n" not in text and re.match(r"[a-z_]+", text).group(0) == field, text
+    if message is not None:
+        assert text == message
+    assert_same_state(state(predictor), before, "after the refusal")
+
+
+def test_1000_by_1000_draws_1000_by_1000_and_img2img_ignores_width_and_height(predictor, tmp_path):
+    """1000 is a multiple of 8 (125 latent pixels; the UNet's odd sizes are upsampled to their skip connections'):
+    diffusers draws it, as it did for cog-sdxl. img2img keeps its input's size whatever width and height say, as in
+    cog-sdxl, so they are not checked there."""
+    assert one_image(predictor, width=1000, height=1000, num_inference_steps=1).shape == (1000, 1000, 3)
+    Image.new("RGB", (80, 64), "gray").save(tmp_path / "input.png")
+    assert one_image(predictor, image=tmp_path / "input.png", width=1001, height=999).shape == (64, 80, 3)
 
 
 def test_cog_accepts_the_predictor_schema():

@@ -216,7 +216,8 @@ def test_two_tars_with_the_same_trigger_word_each_bring_their_own_embeddings(pre
 
 @pytest.mark.parametrize("inputs, message", [
     (dict(extra_lora=["x", "y"], extra_lora_scale=[0.5, 0.5, 0.5]), r"^extra_lora_scale has 3 scales for 2"),
-    (dict(extra_lora="x", extra_lora_scale=2.5), r"^extra_lora_scale\[0\]=2.5 is outside 0..2"),
+    (dict(extra_lora="x", extra_lora_scale=2.5), r"^extra_lora_scale=2.5 is outside 0..2"),
+    (dict(extra_lora=["x", "y"], extra_lora_scale=[0.5, 2.5]), r"^extra_lora_scale\[1\]=2.5 is outside 0..2"),
     (dict(extra_lora=["SAME", "SAME"]), r"^extra_lora\[1\]: the same weights as extra_lora\[0\]"),
     (dict(extra_lora=["SAME", "http://127.0.0.1:9/none.safetensors"]), r"^extra_lora\[1\]: .*download failed"),
     (dict(extra_lora=["a", "b", "a_embeddings_only", "b_embeddings_only", "SAME"]), r"^extra_lora\[4\]: 5 sets"),

@@ -75,6 +75,14 @@ MIN_STEPS = {"PNDM": 4}  # PNDM's Runge-Kutta warm-up needs this many steps
 REFINE_MODES = ("no_refiner", "expert_ensemble_refiner", "base_image_refiner")
 OUTPUT_FORMATS = {"webp": "WEBP", "jpg": "JPEG", "png": "PNG"}
 MAX_OUTPUTS = 4
+# Output sides (txt2img, inpaint): multiples of 8, the VAE's factor (diffusers refuses others, so cog-sdxl failed on
+# them; refused here too, naming the input, rather than rounded behind the client's back), 64 to 2048 (twice SDXL's
+# native 1024). img2img keeps the input image's size, as in cog-sdxl, and does not use width and height.
+IMAGE_SIDE_MULTIPLE = 8
+MIN_IMAGE_SIDE = 64
+MAX_IMAGE_SIDE = 2048
+# torch.Generator.manual_seed takes these (a negative seed counts modulo 2**64, as in cog-sdxl)
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
 REFINER_STRENGTH = 0.3  # how much of the schedule base_image_refiner re-runs (the refiner pipeline's default)
 # Peak bytes of the VAE decoder per output pixel and per byte of its dtype (the 128/256-channel feature maps at full
 # resolution, a few alive at once): ≈1 GiB per 1024² image in half precision. Slicing decodes one image at a time;
@@ -105,8 +113,8 @@ class ModelSettings:
     safety_checker_model: str
     feature_extractor_model: str
     precision: str = "auto"
-    max_image_side: int = 2048
-    min_image_side: int = 64
+    max_image_side: int = MAX_IMAGE_SIDE
+    min_image_side: int = MIN_IMAGE_SIDE
 
     @classmethod
     def from_env(cls) -> ModelSettings:
@@ -263,21 +271,15 @@ def _local_first(spec: Path | str) -> Path | str:
 
 def validate_request(request: GenerationRequest, settings: ModelSettings) -> None:
     """Refuse invalid inputs with a one-line :class:`GenerationInputError`."""
-    for name, value in (("width", request.width), ("height", request.height)):
-        if value % 8:
-            raise GenerationInputError(f"{name}={value} is not a multiple of 8")
-        if not settings.min_image_side <= value <= settings.max_image_side:
-            raise GenerationInputError(
-                f"{name}={value} is outside {settings.min_image_side}..{settings.max_image_side} pixels")
+    if request.mode != "img2img":  # img2img draws at the input image's size: width and height are not used
+        for name, value in (("width", request.width), ("height", request.height)):
+            check_image_side(name, value, settings)
     if request.mask is not None and request.image is None:
-        raise GenerationInputError("mask was given without image (inpainting needs both)")
+        raise GenerationInputError("mask: given without image (inpainting needs both)")
     if not 1 <= request.num_outputs <= MAX_OUTPUTS:
         raise GenerationInputError(f"num_outputs={request.num_outputs} is outside 1..{MAX_OUTPUTS}")
     if request.scheduler not in SCHEDULERS:
         raise GenerationInputError(f"scheduler={request.scheduler!r} is not one of {', '.join(SCHEDULERS)}")
-    if request.num_inference_steps < MIN_STEPS.get(request.scheduler, 1):
-        raise GenerationInputError(f"scheduler={request.scheduler} needs num_inference_steps >= "
-                                   f"{MIN_STEPS[request.scheduler]}, got {request.num_inference_steps}")
     if request.refine not in REFINE_MODES:
         raise GenerationInputError(f"refine={request.refine!r} is not one of {', '.join(REFINE_MODES)}")
     if request.output_format not in OUTPUT_FORMATS:
@@ -289,6 +291,12 @@ def validate_request(request: GenerationRequest, settings: ModelSettings) -> Non
     for name, value, low, high in ranges:
         if not low <= value <= high:
             raise GenerationInputError(f"{name}={value} is outside {low}..{high}")
+    min_steps = MIN_STEPS.get(request.scheduler, 1)
+    if request.num_inference_steps < min_steps:
+        raise GenerationInputError(f"scheduler={request.scheduler} needs num_inference_steps >= {min_steps}, got "
+                                   f"{request.num_inference_steps}")
+    if not MIN_SEED <= request.seed <= MAX_SEED:
+        raise GenerationInputError(f"seed={request.seed} is outside {MIN_SEED}..{MAX_SEED}")
     if request.refine_steps is not None and request.refine_steps < 1:
         raise GenerationInputError(f"refine_steps={request.refine_steps} must be at least 1")
     if request.mode != "txt2img" and int(request.num_inference_steps * request.prompt_strength) < 1:
@@ -296,8 +304,21 @@ def validate_request(request: GenerationRequest, settings: ModelSettings) -> Non
                                    f"{request.num_inference_steps} leaves no denoising step; raise either")
     refine_steps = request.refine_steps or request.num_inference_steps
     if request.refine == "base_image_refiner" and int(refine_steps * REFINER_STRENGTH) < 1:
-        raise GenerationInputError(f"base_image_refiner runs {REFINER_STRENGTH} of refine_steps={refine_steps}, "
-                                   f"which is no step; use at least {int(1 / REFINER_STRENGTH) + 1}")
+        field = "refine_steps" if request.refine_steps is not None else "num_inference_steps"
+        raise GenerationInputError(f"{field}={refine_steps} gives base_image_refiner no step (it runs "
+                                   f"{REFINER_STRENGTH} of refine_steps, which default to num_inference_steps); set "
+                                   f"refine_steps to at least {int(1 / REFINER_STRENGTH) + 1}")
+
+
+def check_image_side(name: str, value: int, settings: ModelSettings) -> None:
+    """``value`` as the output's ``name`` (width or height), or a one-line error naming it and what would do."""
+    if not settings.min_image_side <= value <= settings.max_image_side:
+        raise GenerationInputError(
+            f"{name}={value} is outside {settings.min_image_side}..{settings.max_image_side} pixels")
+    if value % IMAGE_SIDE_MULTIPLE:
+        below = value - value % IMAGE_SIDE_MULTIPLE  # the bounds are multiples too: both neighbours are in range
+        raise GenerationInputError(f"{name}={value} is not a multiple of {IMAGE_SIDE_MULTIPLE}; the nearest are "
+                                   f"{below} and {below + IMAGE_SIDE_MULTIPLE}")
 
 
 def load_input_image(path: Path, what: str, mode: str = "RGB") -> Image.Image:
@@ -306,7 +327,7 @@ def load_input_image(path: Path, what: str, mode: str = "RGB") -> Image.Image:
             image.load()
             return image.convert(mode)
     except (UnidentifiedImageError, OSError) as error:
-        raise GenerationInputError(f"{what} {Path(path).name} is not a readable image ({error})") from None
+        raise GenerationInputError(f"{what}: {Path(path).name} is not a readable image ({error})") from None
 
 
 # ---------------------------------------------------------------------------------------------- generation
@@ -430,6 +451,8 @@ def _mode_pipeline(models: SDXLModels, request: GenerationRequest) -> tuple[obje
     if request.mode == "img2img":
         # Like cog-sdxl: img2img keeps the input image's size.
         image = cap_input_image(load_input_image(request.image, "image"), models.settings)
+        if (request.width, request.height) != image.size:
+            logger.info("img2img draws at the input image's size %dx%d; width and height are not used", *image.size)
         return models.img2img, dict(image=image, strength=request.prompt_strength)
     return models.txt2img, dict(width=request.width, height=request.height)
 
