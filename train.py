@@ -31,7 +31,17 @@ from pti.models.base_model import checked_base_file, model_spec, pick_runtime, r
 from pti.training.optim import OPTIMIZERS, SCHEDULERS
 from pti.formats.export import SAVE_PRECISIONS
 from pti.training.process_sync import SharedStep
-from pti.training.trainer import DEFAULT_LORA_TARGETS, SettingsError, TrainingSettings, check_runtime, train_model
+from pti.training.trainer import (
+    DEFAULT_LORA_TARGETS,
+    DEFAULT_PRODIGY_D_COEF,
+    DEFAULT_PYRAMID_DISCOUNT,
+    MAX_D_COEF,
+    MAX_PYRAMID_ITERATIONS,
+    SettingsError,
+    TrainingSettings,
+    check_runtime,
+    train_model,
+)
 
 
 TAR_NAME = "trained_model.tar"
@@ -95,22 +105,38 @@ def train(
                                            "instead of random rows", default=None),
     lora_alpha: Optional[float] = Input(description="LoRA alpha (scale alpha/rank); empty: equal to lora_rank",
                                         default=None),
-    lora_dropout: float = Input(description="Dropout inside the LoRA layers", default=0.0, ge=0.0, le=1.0),
+    lora_dropout: float = Input(description="Dropout inside the LoRA layers (kohya's network_dropout; 0.1 is a "
+                                "common start against overfitting)", default=0.0, ge=0.0, le=0.99),
     lora_target_modules: str = Input(description="Comma-separated UNet module names the LoRA adapts",
                                      default=",".join(DEFAULT_LORA_TARGETS)),
     use_dora: bool = Input(description="Weight-decomposed LoRA (DoRA); its weights are written for diffusers only "
                            "(no other tool applies PEFT's DoRA as trained)", default=False),
+    scale_weight_norms: float = Input(description="Max-norm regularisation (kohya's scale_weight_norms; 1 is the "
+                                      "usual choice): after every step, each LoRA module's weight change is scaled "
+                                      "back to at most this norm (0: off)", default=0.0, ge=0.0, le=100.0),
+    ti_weight_decay: float = Input(description="Weight decay of the new-token embeddings", default=0.0, ge=0.0,
+                                   le=1.0),
+    lora_weight_decay: float = Input(description="Weight decay of the LoRA weights (0.01-0.1 with prodigy)",
+                                     default=1e-4, ge=0.0, le=1.0),
     save_precision: str = Input(description="Precision of the weight files (fp16: half the size of fp32)",
                                 default="fp16", choices=list(SAVE_PRECISIONS)),
     optimizer: str = Input(description="adamw; prodigy (learning rates are found automatically); adamw8bit (CUDA "
                            "with bitsandbytes)", default="adamw", choices=list(OPTIMIZERS)),
+    prodigy_d_coef: float = Input(description="optimizer=prodigy: multiplies the step size Prodigy estimates (0.5: "
+                                  "half, 2: double)", default=DEFAULT_PRODIGY_D_COEF, ge=0.01, le=MAX_D_COEF),
     gradient_accumulation_steps: int = Input(description="Micro-batches per optimizer step", default=1, ge=1),
     max_grad_norm: float = Input(description="Gradient clipping norm (0: no clipping)", default=1.0, ge=0.0),
     min_snr_gamma: Optional[float] = Input(description="Min-SNR loss weighting gamma (5 is common); empty: off",
-                                           default=None),
+                                           default=None, ge=0.01, le=100.0),
     noise_offset: float = Input(description="Noise offset (0.05-0.1 helps very dark/bright images)", default=0.0,
-                                ge=0.0),
-    pyramid_noise_iterations: int = Input(description="Multi-resolution noise levels (0: off)", default=0, ge=0),
+                                ge=0.0, le=1.0),
+    pyramid_noise_iterations: int = Input(description="Multi-resolution (pyramid) noise levels, kohya's "
+                                          "multires_noise_iterations (6-10 is usual; 0: off)", default=0, ge=0,
+                                          le=MAX_PYRAMID_ITERATIONS),
+    pyramid_noise_discount: float = Input(description="Weight of each coarser pyramid-noise level relative to the "
+                                          "one before (kohya's multires_noise_discount; needs "
+                                          "pyramid_noise_iterations)", default=DEFAULT_PYRAMID_DISCOUNT, ge=0.01,
+                                          le=1.0),
     caption_dropout: float = Input(description="Probability of training a step on the empty caption", default=0.0,
                                    ge=0.0, le=1.0),
     caption_shuffle: bool = Input(description="Shuffle comma-separated caption tags (keeping the first keep_tokens)",
@@ -249,6 +275,10 @@ def _training_settings(args: dict, work: PlainPath) -> TrainingSettings:
         lora_rank=args["lora_rank"],
         lora_alpha=args["lora_alpha"],
         lora_dropout=args["lora_dropout"],
+        scale_weight_norms=args["scale_weight_norms"] or None,
+        ti_weight_decay=args["ti_weight_decay"],
+        lora_weight_decay=args["lora_weight_decay"],
+        prodigy_d_coef=args["prodigy_d_coef"],
         lora_target_modules=tuple(m.strip() for m in args["lora_target_modules"].split(",") if m.strip()),
         use_dora=args["use_dora"],
         save_precision=args["save_precision"],
@@ -259,6 +289,7 @@ def _training_settings(args: dict, work: PlainPath) -> TrainingSettings:
         min_snr_gamma=args["min_snr_gamma"],
         noise_offset=args["noise_offset"],
         pyramid_noise_iterations=args["pyramid_noise_iterations"],
+        pyramid_noise_discount=args["pyramid_noise_discount"],
         caption_dropout=args["caption_dropout"],
         caption_shuffle=args["caption_shuffle"],
         keep_tokens=args["keep_tokens"],

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+MIN_SNR_PREDICTION_TYPES = ("epsilon", "v_prediction")
+
 
 def masked_mse_per_sample(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error per sample ``[B]``, each pixel weighted by ``mask`` ([B, 1, h, w], 0..1).

@@ -48,7 +48,15 @@ from pti.dataset.triggers import TriggerWord, all_new_tokens, contains_trigger, 
 from pti.training.failures import check_finite, out_of_memory
 from pti.formats.export import SAVE_PRECISIONS
 from pti.formats.lora_formats import UNetLayout
-from pti.training.losses import compute_snr, masked_mse_per_sample, min_snr_weights, offset_noise, pyramid_noise
+from pti.training.losses import (
+    MIN_SNR_PREDICTION_TYPES,
+    compute_snr,
+    masked_mse_per_sample,
+    min_snr_weights,
+    offset_noise,
+    pyramid_noise,
+)
+from pti.training.max_norm import NormStats, apply_max_norm
 from pti.training.optim import SCHEDULERS, ParamGroup, ProdigySettings, build_optimizer, build_scheduler, check_optimizer_available
 from pti.training.process_sync import PeerFailed, SharedStep
 from pti.training.step_hooks import StepHooks
@@ -61,6 +69,10 @@ GENERATED_CLASS_FOLDER = "generated"  # class images rendered from class_prompt,
 PIVOT_ENCODE_CHUNK = 16  # captions encoded per text-encoder call at the pivot (hidden states of all at once spike)
 INITIAL_LOSS_SCALE = 2.0**16
 MIN_LOSS_SCALE = 1.0  # fp16 loss scaling that has fallen this far is not an overflow but a diverged run
+DEFAULT_PRODIGY_D_COEF = 1.0
+DEFAULT_PYRAMID_DISCOUNT = 0.3  # kohya's multires_noise_discount recommendation
+MAX_PYRAMID_ITERATIONS = 10  # kohya's guides use 6-10; at 2**10 the coarsest level of any latent is one pixel
+MAX_D_COEF = 10.0  # Prodigy's README suggests 0.5 or 2 to halve or double its step size
 
 
 class SettingsError(ValueError):
@@ -103,11 +115,12 @@ class TrainingSettings:
     lora_dropout: float = 0.0
     lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
     use_dora: bool = False
+    scale_weight_norms: float | None = None  # kohya's max-norm regularisation of each LoRA module (None: off)
     gradient_checkpointing: bool | None = None  # None: switched on when a step would not fit in free memory
     compile_unet: bool = False  # torch.compile the UNet's training forward (minutes of compilation: long GPU runs)
     # optimizer and schedule
     optimizer: str = "adamw"  # adamw | prodigy | adamw8bit
-    prodigy_d_coef: float = 1.0
+    prodigy_d_coef: float = DEFAULT_PRODIGY_D_COEF
     lr_scheduler: str = "constant"
     lr_warmup_steps: int = 100
     lr_num_cycles: int = 1
@@ -116,7 +129,7 @@ class TrainingSettings:
     min_snr_gamma: float | None = None
     noise_offset: float = 0.0
     pyramid_noise_iterations: int = 0
-    pyramid_noise_discount: float = 0.3
+    pyramid_noise_discount: float = DEFAULT_PYRAMID_DISCOUNT
     # data augmentation
     caption_dropout: float = 0.0
     caption_shuffle: bool = False
@@ -164,9 +177,14 @@ class TrainingSettings:
         if self.resolution % 8:
             raise SettingsError(f"resolution must be a multiple of 8, got {self.resolution}")
         for name, value in {"ti_frac": self.ti_frac, "caption_dropout": self.caption_dropout,
-                            "lora_dropout": self.lora_dropout}.items():
+                            "ti_weight_decay": self.ti_weight_decay, "lora_weight_decay": self.lora_weight_decay,
+                            "unet_weight_decay": self.unet_weight_decay, "noise_offset": self.noise_offset}.items():
             if not 0.0 <= value <= 1.0:
                 raise SettingsError(f"{name} must be between 0 and 1, got {value}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise SettingsError(f"lora_dropout must be at least 0 and below 1 (1 drops every input: the LoRA "
+                                f"never learns), got {self.lora_dropout}")
+        self._validate_knobs()
         if self.lora_alpha is not None and self.lora_alpha <= 0:
             raise SettingsError(f"lora_alpha must be positive, got {self.lora_alpha}")
         if self.min_snr_gamma is not None and self.min_snr_gamma <= 0:
@@ -182,6 +200,34 @@ class TrainingSettings:
             raise SettingsError(f"lr_scheduler must be one of {', '.join(SCHEDULERS)}; got {self.lr_scheduler!r}")
         if (self.class_data_dir is None) != (self.class_prompt is None):
             raise SettingsError("prior preservation needs both class_data_dir and class_prompt (or neither)")
+
+    def _validate_knobs(self) -> None:
+        """The optimizer, noise and LoRA-regularisation knobs: each in its range, and none set where it would do
+        nothing (a changed value the run would silently ignore is refused, naming what it needs)."""
+        if not 0.0 < self.prodigy_d_coef <= MAX_D_COEF:
+            raise SettingsError(f"prodigy_d_coef must be above 0 and at most {MAX_D_COEF:g}, got {self.prodigy_d_coef}")
+        if self.prodigy_d_coef != DEFAULT_PRODIGY_D_COEF and self.optimizer != "prodigy":
+            raise SettingsError(f"prodigy_d_coef only applies to optimizer=prodigy (got optimizer={self.optimizer}); "
+                                f"leave it at {DEFAULT_PRODIGY_D_COEF:g} or choose prodigy")
+        if self.pyramid_noise_iterations > MAX_PYRAMID_ITERATIONS:
+            raise SettingsError(f"pyramid_noise_iterations must be at most {MAX_PYRAMID_ITERATIONS}, "
+                                f"got {self.pyramid_noise_iterations}")
+        if not 0.0 < self.pyramid_noise_discount <= 1.0:
+            raise SettingsError(f"pyramid_noise_discount must be above 0 and at most 1, "
+                                f"got {self.pyramid_noise_discount}")
+        if self.pyramid_noise_discount != DEFAULT_PYRAMID_DISCOUNT and self.pyramid_noise_iterations == 0:
+            raise SettingsError("pyramid_noise_discount needs pyramid_noise_iterations of 1 or more (6-10 is usual); "
+                                "with 0 there is no pyramid noise to discount")
+        if self.scale_weight_norms is not None:
+            if self.scale_weight_norms <= 0:
+                raise SettingsError(f"scale_weight_norms must be positive (or unset), got {self.scale_weight_norms}")
+            if not self.is_lora:
+                raise SettingsError("scale_weight_norms limits LoRA weights; it needs is_lora=true")
+            if self.use_dora:
+                raise SettingsError("scale_weight_norms does not apply to DoRA (its magnitude vector sets each "
+                                    "weight's norm); turn off use_dora or scale_weight_norms")
+        if not self.is_lora and self.lora_dropout > 0:
+            raise SettingsError("lora_dropout applies to LoRA layers; it needs is_lora=true")
 
     @property
     def alpha(self) -> float:
@@ -303,6 +349,7 @@ class Trainer:
         self.accelerator = accelerator
         self.step = 0  # optimizer steps done
         self.loss_history: list[float] = []
+        self.norm_stats: NormStats | None = None  # the last max-norm regularisation (scale_weight_norms)
         self.sample_images: list[Path] = []
         self.step_samples: dict[int, list[Path]] = {}  # intermediate step → its validation samples (main process)
         self.text_cache: TextCache | None = None
@@ -374,6 +421,7 @@ class Trainer:
                                                      flip=s.flip_augmentation, device=self.runtime.device,
                                                      dtype=self.runtime.vae_dtype, show_progress=show)
         self.noise_scheduler = _training_noise_scheduler(pipe.scheduler)
+        _check_min_snr(s.min_snr_gamma, self.noise_scheduler.config.prediction_type)
         self._prepare_unet()
         self._build_optimizer()
 
@@ -520,16 +568,30 @@ class Trainer:
             self.step_hooks.step_done(self.step, pivoted=not trains_embeddings)
             self.loss_history.append(loss)
             lr = self.lr_scheduler.get_last_lr()[-1]
-            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            progress.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", **self._norm_postfix())
             progress.update(1)
             if writer is not None:
                 writer.add_scalar("loss", loss, self.step)
                 writer.add_scalar("lr", lr, self.step)
+                if self.norm_stats is not None:
+                    for name, value in self.norm_stats.as_config().items():
+                        writer.add_scalar(f"lora_norm/{name}", value, self.step)
             if s.checkpointing_steps and self.step % s.checkpointing_steps == 0 and self.step < self.plan.total_steps:
                 self._save_checkpoint()
         progress.close()
         if writer is not None:
             writer.close()
+        if self.norm_stats is not None:
+            logger.info("scale_weight_norms=%g: %d LoRA modules scaled at the last step; mean norm %.4g, max %.4g",
+                        s.scale_weight_norms, self.norm_stats.keys_scaled, self.norm_stats.mean_norm,
+                        self.norm_stats.max_norm)
+
+    def _norm_postfix(self) -> dict[str, str]:
+        """kohya's progress-bar figures of max-norm regularisation: modules scaled, mean and largest norm."""
+        if self.norm_stats is None:
+            return {}
+        return {"keys_scaled": str(self.norm_stats.keys_scaled), "avg_norm": f"{self.norm_stats.mean_norm:.3g}",
+                "max_norm": f"{self.norm_stats.max_norm:.3g}"}
 
     def _optimizer_step(self) -> float:
         s, hooks = self.settings, self.step_hooks
@@ -565,6 +627,8 @@ class Trainer:
             self.loss_scaler.update()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
+            if s.scale_weight_norms is not None:
+                self.norm_stats = apply_max_norm(self.unet, s.scale_weight_norms)
             if self.training_embeddings:
                 self.embeddings.retract_embeddings()
         return total
@@ -818,6 +882,7 @@ class Trainer:
                              if self.settings.class_data_dir is not None else None),
             "num_processes": self.accelerator.num_processes,
             "special_params": special_params(self.plan.triggers),
+            "lora_norms": self.norm_stats.as_config() if self.norm_stats is not None else None,
         }
 
     @functools.cached_property
@@ -933,6 +998,14 @@ def _from_main_process(seed: int, run_id: str) -> tuple[int, str]:
 
     seed, run_id = broadcast_object_list([int(seed), str(run_id)])
     return int(seed), str(run_id)
+
+
+def _check_min_snr(gamma: float | None, prediction_type: str) -> None:
+    """Min-SNR weighting is defined for epsilon and v-prediction; a base model predicting something else is refused
+    before the first step."""
+    if gamma is not None and prediction_type not in MIN_SNR_PREDICTION_TYPES:
+        raise SettingsError(f"min_snr_gamma works with epsilon or v_prediction models; this base model predicts "
+                            f"{prediction_type!r}: leave min_snr_gamma empty")
 
 
 def check_runtime(settings: TrainingSettings) -> base_model.Runtime:
