@@ -37,7 +37,7 @@ from pti.toyworld.world import HELD_OUT_SHAPES, KNOWN_SHAPES  # noqa: E402
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: with any other load on a 2-core machine, 2 threads ran 20x slower)")
     parser.add_argument("--out", type=Path, default=MINI_WORLD_DIR)
     parser.add_argument("--vae-steps", type=int, default=None)
     parser.add_argument("--diffusion-steps", type=int, default=None, help="one stage of this many steps instead of "
@@ -72,11 +72,11 @@ def ensure_evaluator(retrain: bool, seed: int) -> dict[str, float] | None:
 
 def print_table(results: dict[str, Score]) -> None:
     print(f"known shapes: {', '.join(KNOWN_SHAPES)}; held out: {', '.join(HELD_OUT_SHAPES)}")
-    print(f"\n{'prompts':<10}{'n':>5}{'shape':>8}{'colour':>8}{'background':>12}   shapes the evaluator read")
+    print(f"\n{'prompts':<22}{'n':>5}{'shape':>8}{'colour':>8}{'background':>12}   shapes the evaluator read")
     for name, result in results.items():
         a = result.accuracy
         read = ", ".join(f"{k} {v}" for k, v in sorted(result.shapes_read.items(), key=lambda kv: -kv[1]))
-        print(f"{name:<10}{result.count:>5}{a['shape']:>8.3f}{a['colour']:>8.3f}{a['background']:>12.3f}   {read}")
+        print(f"{name:<22}{result.count:>5}{a['shape']:>8.3f}{a['colour']:>8.3f}{a['background']:>12.3f}   {read}")
 
 
 def main() -> None:

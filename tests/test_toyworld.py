@@ -88,8 +88,8 @@ def test_the_committed_tokenizers_are_what_the_build_writes(tmp_path):
 
 
 def test_mini_world_draws_what_the_caption_says(pipe, evaluator):
-    """Measured on the committed weights (torch 2.13 CPU, AMD EPYC): shape 10/16, colour 16/16, background 16/16 read
-    back as asked (chance: 2/16, 2/16, 3/16). Thresholds leave 3 images of margin for other CPUs' float noise."""
+    """Measured on the committed weights (torch 2.13 CPU, AMD EPYC): shape 8/16, colour 16/16, background 16/16 read
+    back as asked (chance: 2/16, 2/16, 3/16). Thresholds leave 2-3 images of margin for other CPUs' float noise."""
     expected = [Scene(shape=shape, colour=colour, background=background)
                 for shape, colour, background in (("square", "red", "grey"), ("circle", "yellow", "teal"),
                                                   ("triangle", "blue", "beige"), ("cross", "white", "brown"))] * 4
@@ -98,12 +98,43 @@ def test_mini_world_draws_what_the_caption_says(pipe, evaluator):
     assert all(image.size == (64, 64) for image in images)
     assert result.accuracy["background"] >= 13 / 16, result
     assert result.accuracy["colour"] >= 13 / 16, result
-    assert result.accuracy["shape"] >= 7 / 16, result
+    assert result.accuracy["shape"] >= 6 / 16, result
 
 
 def test_build_record_is_committed():
     record = json.loads((MINI_WORLD_DIR / "BUILD.json").read_text())
     known = record["generation_accuracy"]["known"]
     assert known["count"] > 0 and all(0.0 <= known[head] <= 1.0 for head in ("shape", "colour", "background"))
-    stage_seconds = [v for v in record["build_seconds"].values() if isinstance(v, (int, float))]
-    assert record["torch"] and record["seed"] == 0 and len(stage_seconds) == 3 and min(stage_seconds) > 0
+    assert record["torch"] and record["seed"] == 0 and record["threads"] == 1
+    assert 0 < record["build_seconds"] <= 60 * 60, "the committed weights come from one run of the build script"
+    assert set(record["generation_accuracy"]) == {"known", "known_empty_negative", "held_out"}
+
+
+@pytest.mark.parametrize("negative_prompt", [None, ""], ids=["zeros", "encoded-empty"])
+def test_an_unseen_word_keeps_the_asked_colour_and_background(pipe, evaluator, negative_prompt):
+    """The pretraining puts random unseen words in the noun slot of some captions and drops captions to both forms of
+    the unconditional branch, so a trigger word the model never saw ("TOK", before any training) still gets the
+    colour and background the prompt asks for, whatever the client sends as the empty negative prompt. The first
+    mini-world model lost the colour here (0.66 of 32 images with the encoded empty prompt). Measured on the committed
+    weights: 8/8 colour and 8/8 background in both modes."""
+    expected = [Scene(shape="star", colour=colour, background=background)
+                for colour, background in (("blue", "pink"), ("yellow", "teal"), ("white", "brown"), ("green", "beige"))] * 2
+    images = generate(pipe, [caption(s, shape_word="TOK") for s in expected], seed=0, steps=20, guidance=5.0,
+                      negative_prompt=negative_prompt)
+    result = score(evaluator, images, expected)
+    assert result.accuracy["colour"] >= 6 / 8, result
+    assert result.accuracy["background"] >= 6 / 8, result
+
+
+def test_pretraining_captions_hold_unknown_nouns_and_both_dropped_forms():
+    from pti.toyworld.pretrain import DiffusionSettings, training_caption
+
+    rng = random.Random(0)
+    scene = Scene("square", "red", "grey")
+    captions = [training_caption(scene, rng, DiffusionSettings()) for _ in range(4000)]
+    dropped_zero, dropped_empty = captions.count(None), captions.count("")
+    nouns = [c.split(" on ")[0].split()[-1] for c in captions if c]
+    unknown = [n for n in nouns if n not in VOCABULARY]
+    assert 150 <= dropped_zero <= 250 and 150 <= dropped_empty <= 250  # 10 % dropped, half each: 200 expected
+    assert 0.07 <= len(unknown) / len(nouns) <= 0.13 and len(set(unknown)) > 100  # 10 % unknown, many different
+    assert all(n == "square" for n in nouns if n in VOCABULARY)

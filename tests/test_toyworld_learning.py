@@ -3,9 +3,9 @@
 tar, makes "a photo of TOK" draw that shape, and unloading the tar gives back the base model's answers.
 
 Measured on this machine (AMD EPYC, torch 2.13 CPU; ``pytest tests/test_toyworld_learning.py -s`` prints them):
-24 "a photo of TOK" images, 0 of them read as a star by the base model, 7 after 300 steps (6 before issue 17 keyed
-the training noise by sample; the evaluator reads the star on 100 % of fresh renders). The thresholds leave margin for other CPUs' float noise; bench/subject_fidelity.py
-measures the rest (prompt fidelity, drift, other configurations).
+24 "a photo of TOK" images, 0 of them read as a star by the base model, 8 after 300 steps (the evaluator reads the
+star on 100 % of fresh renders). The thresholds (at most 1 before, at least 3 after) leave margin for other CPUs'
+float noise; bench/subject_fidelity.py measures the rest (prompt fidelity, drift, other configurations).
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import copy
 import math
 import random
 import shutil
+import string
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +44,9 @@ class DiffusionSettings:
     warmup_steps: int = 100
     train_images: int = 16384
     caption_dropout: float = 0.1
+    empty_caption_share: float = 0.5
     partial_caption: float = 0.1
+    unknown_noun: float = 0.1
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
 
@@ -197,16 +200,29 @@ def latent_scaling_factor(means: torch.Tensor, stds: torch.Tensor) -> float:
     return float(1.0 / total_variance.sqrt())
 
 
+def unknown_word(rng: random.Random) -> str:
+    """1-5 random letters that are not a world word: what a rare word or a user's trigger looks like to the tokenizer
+    (byte-level pieces the captions never use)."""
+    while True:
+        word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(1, 5)))
+        if word not in VOCABULARY:
+            return word
+
+
 def training_caption(scene: Scene, rng: random.Random, settings: DiffusionSettings) -> str | None:
-    """The scene's caption, sometimes without its colour or background; ``None`` for the unconditional branch."""
+    """The scene's caption, sometimes without its colour or background, sometimes with an unknown word instead of the
+    shape's name (so a word the model never saw still gets the asked colour and background, as a rare word does in
+    SDXL). Dropped captions are ``""`` (encoded, what A1111, ComfyUI and cog-sdxl feed an empty negative prompt) or
+    ``None`` (all-zero embeddings, what diffusers feeds when no negative prompt is given)."""
     draw = rng.random()
     if draw < settings.caption_dropout:
-        return None
+        return "" if rng.random() < settings.empty_caption_share else None
+    noun = unknown_word(rng) if rng.random() < settings.unknown_noun else scene.shape
     if draw < settings.caption_dropout + settings.partial_caption / 2:
-        return f"a photo of a {scene.colour} {scene.shape}"
+        return f"a photo of a {scene.colour} {noun}"
     if draw < settings.caption_dropout + settings.partial_caption:
-        return f"a photo of a {scene.shape} on a {scene.background} background"
-    return f"a photo of a {scene.colour} {scene.shape} on a {scene.background} background"
+        return f"a photo of a {noun} on a {scene.background} background"
+    return f"a photo of a {scene.colour} {noun} on a {scene.background} background"
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -240,8 +256,9 @@ class Ema:
 
 def train_diffusion(components: dict, settings: DiffusionSettings, seed: int, progress: bool = True) -> list[float]:
     """UNet and both text encoders jointly: epsilon prediction on VAE latents of known shapes, conditioned exactly as
-    ``StableDiffusionXLPipeline`` conditions at inference; dropped captions get all-zero embeddings and pooled
-    embeddings (what ``force_zeros_for_empty_prompt`` feeds the unconditional branch). Returns the loss curve."""
+    ``StableDiffusionXLPipeline`` conditions at inference; dropped captions get either the encoded empty prompt
+    or all-zero embeddings and pooled embeddings (what ``force_zeros_for_empty_prompt`` feeds the unconditional branch
+    when no negative prompt is given). Returns the loss curve."""
     vae, unet = components["vae"], components["unet"]
     encoders = [components["text_encoder"], components["text_encoder_2"]]
     scene_list = list(scenes(seed + 20, settings.train_images, shapes=KNOWN_SHAPES))

@@ -29,13 +29,17 @@ class Score:
 
 @torch.no_grad()
 def generate(pipe, prompts: Sequence[str], seed: int, steps: int = 25, guidance: float = 6.0,
-             batch_size: int = 32) -> list[Image.Image]:
-    """One 64x64 image per prompt; batch ``k`` draws its noise from ``seed + k``."""
+             batch_size: int = 32, negative_prompt: str | None = None) -> list[Image.Image]:
+    """One 64x64 image per prompt; batch ``k`` draws its noise from ``seed + k``. ``negative_prompt=None`` gives the
+    unconditional branch all-zero embeddings (diffusers' default for SDXL); ``""`` encodes the empty prompt (what
+    A1111 and ComfyUI do)."""
     images: list[Image.Image] = []
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     for k, start in enumerate(range(0, len(prompts), batch_size)):
         generator = torch.Generator().manual_seed(seed + k)
-        images += pipe(prompt=list(prompts[start:start + batch_size]), num_inference_steps=steps,
+        batch = list(prompts[start:start + batch_size])
+        negative = None if negative_prompt is None else [negative_prompt] * len(batch)
+        images += pipe(prompt=batch, negative_prompt=negative, num_inference_steps=steps,
                        guidance_scale=guidance, height=size, width=size, generator=generator,
                        output_type="pil").images
     return images
@@ -56,12 +60,15 @@ def probe_scenes(seed: int, count: int, shapes: Sequence[str]) -> list[Scene]:
 
 def measure(pipe, evaluator: Evaluator, count: int = 96, held_out_count: int = 32, seed: int = 0,
             settings: SamplingSettings = SamplingSettings()) -> dict[str, Score]:
-    """Known shapes drawn from their captions, and what the model draws when asked for a held-out shape."""
+    """Known shapes drawn from their captions (with the unconditional branch as zeros, and as the encoded empty
+    prompt), and what the model draws when asked for a held-out shape."""
     results = {}
-    for name, shapes, n in (("known", KNOWN_SHAPES, count), ("held_out", HELD_OUT_SHAPES, held_out_count)):
+    runs = (("known", KNOWN_SHAPES, count, None), ("known_empty_negative", KNOWN_SHAPES, count, ""),
+            ("held_out", HELD_OUT_SHAPES, held_out_count, None))
+    for name, shapes, n, negative in runs:
         expected = probe_scenes(seed, n, shapes)
         images = generate(pipe, [caption(s) for s in expected], seed, settings.steps, settings.guidance,
-                          settings.batch_size)
+                          settings.batch_size, negative)
         results[name] = score(evaluator, images, expected)
     return results
 
