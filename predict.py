@@ -28,7 +28,14 @@ from pti.inference.generation import (
     load_models,
     validate_request,
 )
-from weights_manager import WeightsChoice, WeightsManager, WeightsSettings, check_lora_scale, extra_lora_choices
+from weights_manager import (
+    WeightsChoice,
+    WeightsManager,
+    WeightsSettings,
+    check_lora_scale,
+    embeddings_choices,
+    extra_lora_choices,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +127,12 @@ class Predictor(BasePredictor):
             description="Scale of the extra LoRAs, 0 to 2: one number for all, or a list with one per extra_lora",
             default=1.0,
         ),
+        embeddings: Optional[Union[str, list[str]]] = Input(
+            description="SDXL embedding files (.safetensors with clip_l and clip_g, as A1111, ComfyUI and civitai use "
+            "them, or embeddings/TOK.safetensors from a trained tar): one URL or a list. The file name is the "
+            "trigger word (.../TOK.safetensors: TOK in the prompt); add #trigger=WORD to the URL to choose another.",
+            default=None,
+        ),
         disable_safety_checker: bool = Input(
             description="Disable safety checker for generated images. This feature is only available through the "
             "API. See [https://replicate.com/docs/how-does-replicate-work#safety]"
@@ -148,7 +161,7 @@ class Predictor(BasePredictor):
         )
         validate_request(request, self.models.settings)
         check_lora_scale("lora_scale", lora_scale)
-        choices = extra_lora_choices(extra_lora, extra_lora_scale)
+        choices = extra_lora_choices(extra_lora, extra_lora_scale) + embeddings_choices(embeddings)
         if replicate_weights:
             choices.insert(0, WeightsChoice(replicate_weights, lora_scale, "replicate_weights"))
         elif self.default_weights:

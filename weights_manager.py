@@ -2,7 +2,8 @@
 
 * :func:`read_trained_weights` reads a folder in this project's artifact layout or replicate/cog-sdxl's
   (``lora.safetensors`` with attention-processor keys, ``embeddings.pti``), or a bare kohya/diffusers LoRA file
-  (embeddings and trigger words from its ``bundle_emb`` keys, if any), into one :class:`TrainedWeights`.
+  (embeddings and trigger words from its ``bundle_emb`` keys, if any), into one :class:`TrainedWeights`;
+  :func:`read_embedding_weights` reads a bare SDXL embedding file (``clip_l``/``clip_g``, one trigger word).
 * :class:`LiveWeights` keeps a bounded set of PEFT adapters loaded in the UNet by name and swaps the new-token
   embeddings with them. The adapters a request names are active together, each at its own scale (PEFT adapter
   weights), each set's new tokens under its own names; without weights the pipeline is the clean base
@@ -127,6 +128,21 @@ def _read_bare_lora(path: Path, label: str, layout: UNetLayout) -> TrainedWeight
         logger.warning("%s: %d text-encoder LoRA keys skipped (only the UNet part applies)", label,
                        read.skipped_text_encoder_keys)
     return TrainedWeights(read.lora, None, read.embeddings, read.special_params)
+
+
+def read_embedding_weights(folder: Path, label: str, trigger: str) -> TrainedWeights:
+    """A cache entry holding a bare SDXL embedding file (A1111/ComfyUI/civitai, or a trained tar's
+    ``embeddings/<trigger>.safetensors``) as weights without a LoRA: all its rows are ``trigger``'s tokens."""
+    path = folder / BARE_LORA
+    if not path.is_file():
+        raise WeightsError(f"{label}: not a .safetensors file")
+    tensors, _ = _read_safetensors(path, label)
+    try:
+        embeddings = lora_formats.read_embedding_file(tensors)
+    except LoraFormatError as error:
+        raise WeightsError(f"{label}: {error}") from None
+    rows = embeddings["clip_l"].shape[0]
+    return TrainedWeights(None, None, embeddings, {trigger: "".join(f"<s{i}>" for i in range(rows))})
 
 
 def _read_unet_weights(folder: Path, label: str) -> tuple[PeftLora | None, dict[str, Tensor] | None]:
@@ -334,7 +350,8 @@ class TokenTables:
 
 @dataclass
 class _Loaded:
-    """A trained model whose adapter sits in the UNet (or, for full UNet weights, whose tensors are in memory)."""
+    """A trained model whose adapter sits in the UNet (or, for full UNet weights, whose tensors are in memory; for
+    an embedding file alone, only its embeddings)."""
 
     adapter: str | None
     weights: TrainedWeights = field(repr=False)
@@ -478,7 +495,7 @@ class LiveWeights:
                 entry = self._load(item.key, item.read(), item.label, needed)
             self.loaded.move_to_end(item.key)
             entries.append(entry)
-        full = [(item, entry) for item, entry in zip(items, entries) if entry.adapter is None]
+        full = [(item, entry) for item, entry in zip(items, entries) if entry.weights.unet_full is not None]
         if len(full) > 1:
             raise WeightsError(f"{full[1][0].label}: full UNet weights, and {full[0][0].label} are full UNet weights "
                                f"too; one set of full weights at a time (add LoRAs beside it)")
@@ -498,8 +515,11 @@ class LiveWeights:
         self.tokens.check(weights.embeddings, label)
         if weights.unet_full is not None:
             self.full_unet.check(weights.unet_full, label)
-            for other in [k for k, e in self.loaded.items() if e.adapter is None and k not in keep]:
+            for other in [k for k, e in self.loaded.items() if e.weights.unet_full is not None and k not in keep]:
                 del self.loaded[other]  # a whole UNet is large: keep one such set of weights in memory
+            entry = _Loaded(None, weights)
+        elif weights.lora is None:  # an embedding file alone: new tokens, nothing in the UNet
+            self._evict_to(self.max_loaded - 1, keep)
             entry = _Loaded(None, weights)
         else:
             self._check_lora(weights.lora, label)
@@ -559,6 +579,11 @@ class WeightsChoice:
     scale: float
     field: str = "replicate_weights"
     trusted: bool = False  # named by the operator (the default weights), not by a request: local paths allowed
+    trigger: str | None = None  # an embedding file (``embeddings`` input): the trigger word of all its rows
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.trigger is not None
 
 
 MAX_LORA_SCALE = 2.0
@@ -570,17 +595,22 @@ def check_lora_scale(field: str, scale: float) -> None:
         raise WeightsError(f"{field}={scale} is outside 0..{MAX_LORA_SCALE:g}")
 
 
+def _listed(value: str | Sequence[str] | None) -> list[str]:
+    """One source or a list of them (a Cog input) as a list, blanks left out."""
+    if value is None:
+        sources: list[str] = []
+    elif isinstance(value, str):
+        sources = [value]
+    else:
+        sources = list(value)
+    return [source.strip() for source in sources if source.strip()]
+
+
 def extra_lora_choices(extra_lora: str | Sequence[str] | None,
                        extra_lora_scale: float | Sequence[float]) -> list[WeightsChoice]:
     """The ``extra_lora`` / ``extra_lora_scale`` inputs as choices (one scale for all, or one per LoRA); a
     one-line :class:`WeightsError` naming the input otherwise."""
-    if extra_lora is None:
-        sources: list[str] = []
-    elif isinstance(extra_lora, str):
-        sources = [extra_lora]
-    else:
-        sources = list(extra_lora)
-    sources = [source.strip() for source in sources if source.strip()]
+    sources = _listed(extra_lora)
     scales = [extra_lora_scale] if isinstance(extra_lora_scale, (int, float)) else list(extra_lora_scale)
     if not sources:
         return []
@@ -594,6 +624,37 @@ def extra_lora_choices(extra_lora: str | Sequence[str] | None,
                          else f"extra_lora_scale[{index}]", scale)
     return [WeightsChoice(source, float(scale), f"extra_lora[{index}]")
             for index, (source, scale) in enumerate(zip(sources, scales))]
+
+
+TRIGGER_SUFFIX = "#trigger="
+
+
+def embeddings_choices(embeddings: str | Sequence[str] | None) -> list[WeightsChoice]:
+    """The ``embeddings`` input (one embedding file or a list) as choices, each with its trigger word: the file
+    name without ``.safetensors`` (what A1111 and ComfyUI take), or the word after a ``#trigger=`` suffix."""
+    return [embedding_choice(source, f"embeddings[{index}]") for index, source in enumerate(_listed(embeddings))]
+
+
+def embedding_choice(source: str, field: str) -> WeightsChoice:
+    """One embedding file's choice; a one-line :class:`WeightsError` naming ``field`` when its trigger word (file
+    name or ``#trigger=`` suffix) is not one word."""
+    source, suffix, trigger = source.partition(TRIGGER_SUFFIX)
+    if not suffix:
+        trigger = _file_stem(source, field)
+    if not re.fullmatch(r"\w+", trigger):
+        origin = "#trigger=" if suffix else "the file name"
+        raise WeightsError(f"{field}: {origin} {trigger!r} is not one word (letters, digits, _) to use as the trigger "
+                           f"word{'' if suffix else '; add #trigger=WORD to name it'}")
+    return WeightsChoice(source, 1.0, field, trigger=trigger)
+
+
+def _file_stem(source: str, field: str) -> str:
+    """The file name of ``source`` (URL or path) without its extension."""
+    kind = source_kind(source)
+    if kind == "data":
+        raise WeightsError(f"{field}: a data: URI has no file name to take the trigger word from; add #trigger=WORD")
+    path = urllib.parse.unquote(urllib.parse.urlsplit(source).path) if kind == "url" else source
+    return Path(path.rstrip("/").rpartition("/")[2]).stem
 
 
 def _split_step(choice: WeightsChoice) -> tuple[str, int | None]:
@@ -642,17 +703,20 @@ class WeightsManager:
             if not choices:
                 self.live.deactivate()
                 return None
-            if len(choices) > self.settings.max_loaded_adapters:
-                raise WeightsError(f"{choices[-1].field}: {len(choices)} sets of weights at once; this predictor "
-                                   f"takes at most {self.settings.max_loaded_adapters} (WEIGHTS_MAX_LOADED_ADAPTERS)")
+            weights_sets = [choice for choice in choices if not choice.is_embedding]
+            if len(weights_sets) > self.settings.max_loaded_adapters:
+                raise WeightsError(f"{weights_sets[-1].field}: {len(weights_sets)} sets of weights at once; this "
+                                   f"predictor takes at most {self.settings.max_loaded_adapters} "
+                                   f"(WEIGHTS_MAX_LOADED_ADAPTERS)")
             items, labels, folder_keys = [], {}, {}
             for choice in choices:
-                source, step = _split_step(choice)
+                source, step = (choice.source, None) if choice.is_embedding else _split_step(choice)
                 folder_key = self._key(choice, source)
-                key = folder_key if step is None else f"{folder_key}s{step}"  # one download, one adapter per step
+                key = self._live_key(choice, folder_key, step)
                 if key in labels:
-                    raise WeightsError(f"{choice.field}: the same weights as {labels[key]}; give each set once "
-                                       f"(its scale can go up to 2)")
+                    raise WeightsError(f"{choice.field}: the same {'file' if choice.is_embedding else 'weights'} as "
+                                       f"{labels[key]}; give each "
+                                       f"{'once' if choice.is_embedding else 'set once (its scale can go up to 2)'}")
                 labels[key] = choice.field
                 folder_keys[key] = folder_key
                 label = f"{choice.field} {redact(source)}" + ("" if step is None else f"#step={step}")
@@ -680,8 +744,20 @@ class WeightsManager:
 
     @staticmethod
     def _token_prefix(choice: WeightsChoice) -> str:
-        match = re.fullmatch(r"extra_lora\[(\d+)\]", choice.field)
-        return f"x{match.group(1)}" if match else ""
+        """``""`` (``<s0>``) for replicate_weights, ``x0`` (``<x0s0>``) for extra_lora[0], ``e0`` (``<e0s0>``) for
+        embeddings[0]."""
+        match = re.fullmatch(r"(extra_lora|embeddings)\[(\d+)\]", choice.field)
+        if not match:
+            return ""
+        return ("e" if match.group(1) == "embeddings" else "x") + match.group(2)
+
+    @staticmethod
+    def _live_key(choice: WeightsChoice, folder_key: str, step: int | None) -> str:
+        """The key of a loaded set: one download serves every step of a tar (one adapter per step), and an embedding
+        file its trigger words (one set of tokens per word)."""
+        if choice.is_embedding:
+            return f"{folder_key}e{hashlib.sha256(choice.trigger.encode()).hexdigest()[:8]}"
+        return folder_key if step is None else f"{folder_key}s{step}"
 
     def _key(self, choice: WeightsChoice, source: str) -> str:
         """The cache key of ``source`` (``choice``'s source without its ``#step=`` suffix)."""
@@ -698,9 +774,12 @@ class WeightsManager:
 
     def _read(self, choice: WeightsChoice, source: str, step: int | None, label: str) -> TrainedWeights:
         try:
-            folder = self.cache.ensure(source, allow_path=self.settings.allow_local_paths or choice.trusted)
+            folder = self.cache.ensure(source, allow_path=self.settings.allow_local_paths or choice.trusted,
+                                       safetensors_only=choice.is_embedding)
         except WeightsError as error:
             raise WeightsError(f"{choice.field}: {error}") from None
+        if choice.is_embedding:
+            return read_embedding_weights(folder, label, choice.trigger)
         log_base_mismatch(folder, label, served_base_name())
         return read_trained_weights(folder if step is None else step_weights_folder(folder, step, label), label,
                                     self.layout)

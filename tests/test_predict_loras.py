@@ -1,6 +1,7 @@
 """The predictor as SDXL API users call it, on the tiny model: long and weighted prompts in every mode, extra LoRAs
 with their own scales (any kind: our tar, a bare diffusers or kohya .safetensors by URL), two trained tars with
-the same trigger word at once, and local paths refused unless the operator allows them."""
+the same trigger word at once, embedding files (A1111/ComfyUI's, a tar's embeddings/TOK.safetensors) beside a bare
+LoRA, and local paths refused unless the operator allows them."""
 
 from __future__ import annotations
 
@@ -230,6 +231,98 @@ def test_bad_extra_lora_inputs_are_one_line_naming_the_field_and_change_nothing(
     with pytest.raises(ValueError, match=message) as error:
         one_image(predictor, **inputs)
     assert "\n" not in str(error.value)
+    assert_images_close(one_image(predictor), base)
+    assert_same_state(state(predictor), base_state, "after the refusal")
+
+
+# ---------------------------------------------------------------------------------------------- embedding files
+
+
+def tar_member(tar: Path, suffix: str) -> bytes:
+    with tarfile.open(tar) as archive:
+        return archive.extractfile(next(m for m in archive.getmembers() if m.name.endswith(suffix))).read()
+
+
+@pytest.fixture(scope="module")
+def from_elsewhere(tars, files) -> dict[str, str]:
+    """What a user brings from elsewhere, by URL: tar A's kohya LoRA without bundled embeddings
+    (``trained_model_kohya.safetensors``, what civitai serves) and its ``embeddings/TOK.safetensors`` (an
+    A1111/ComfyUI embedding file), and broken embedding files."""
+    folder = tars["a"].parent / "elsewhere"
+    (folder / "bad").mkdir(parents=True)
+    (folder / "trained_model_kohya.safetensors").write_bytes(tar_member(tars["a"], "trained_model_kohya.safetensors"))
+    (folder / "TOK.safetensors").write_bytes(tar_member(tars["a"], "embeddings/TOK.safetensors"))
+    save_file({"clip_l": torch.randn(2, 32)}, folder / "bad" / "NOG.safetensors")
+    save_file({"clip_l": torch.randn(2, 768), "clip_g": torch.randn(2, 1280)}, folder / "bad" / "REAL.safetensors")
+    save_file(random_embeddings(5), folder / "bad" / "two-words.safetensors")
+    torch.save(random_embeddings(5), folder / "bad" / "PICKLED.pt")
+    (folder / "bad" / "PICKLED.safetensors").write_bytes((folder / "bad" / "PICKLED.pt").read_bytes())
+    return {"kohya": files.url("files/elsewhere/trained_model_kohya.safetensors"),
+            "TOK": files.url("files/elsewhere/TOK.safetensors"),
+            "data": "data:application/octet-stream;base64," + base64.b64encode(
+                (folder / "TOK.safetensors").read_bytes()).decode(),
+            **{name: files.url(f"files/elsewhere/bad/{name}") for name in
+               ("NOG.safetensors", "REAL.safetensors", "two-words.safetensors", "PICKLED.pt", "PICKLED.safetensors")},
+            "tar": files.url("files/" + tars["a"].name)}
+
+
+def test_a_bare_kohya_lora_with_its_embedding_file_draws_what_the_tar_draws_and_unloads_exactly(
+        predictor, tars, files, from_elsewhere):
+    prompt = "a photo of TOK dog"
+    base, base_state = one_image(predictor, prompt=prompt), state(predictor)
+    tar = one_image(predictor, replicate_weights=from_elsewhere["tar"], prompt=prompt)
+    lora_alone = one_image(predictor, replicate_weights=from_elsewhere["kohya"], prompt=prompt)
+    both = one_image(predictor, replicate_weights=from_elsewhere["kohya"], embeddings=from_elsewhere["TOK"],
+                     prompt=prompt)
+    assert predictor.weights.expand_prompt(prompt) == "a photo of <e0s0><e0s1> dog"
+    assert images_differ(tar, base) and images_differ(lora_alone, tar), "the embeddings are part of the tar's image"
+    assert_images_close(both, tar, "the bare LoRA and the embedding file are the tar")
+    assert_images_close(one_image(predictor, replicate_weights=from_elsewhere["kohya"],
+                                  embeddings=[from_elsewhere["data"] + "#trigger=TOK"], prompt=prompt), tar,
+                        "the same file as a data: URI in a list, its trigger word named")
+    assert_images_close(one_image(predictor, prompt=prompt), base)
+    assert_same_state(state(predictor), base_state, "after the LoRA and the embeddings")
+
+
+def test_an_embedding_file_alone_changes_the_image_only_where_the_prompt_has_its_trigger(predictor, files,
+                                                                                         from_elsewhere):
+    with_trigger, without = "a photo of TOK dog", "a photo of a dog"
+    base_with, base_without = one_image(predictor, prompt=with_trigger), one_image(predictor, prompt=without)
+    base_state = state(predictor)
+    url = from_elsewhere["TOK"]
+    downloads = len(files.requests)
+    assert images_differ(one_image(predictor, embeddings=url, prompt=with_trigger), base_with)
+    assert_images_close(one_image(predictor, embeddings=url, prompt=without), base_without, "no trigger, no change")
+    renamed = one_image(predictor, embeddings=url + "#trigger=ZQX", prompt="a photo of ZQX dog")
+    assert_images_close(renamed, one_image(predictor, embeddings=url, prompt=with_trigger), "#trigger= renames it")
+    assert_images_close(one_image(predictor, embeddings=url + "#trigger=ZQX", prompt=with_trigger), base_with,
+                        "renamed, TOK is a plain word again")
+    assert len(files.requests) - downloads <= 1, "one download for every use of the file (cached, either name)"
+    assert_images_close(one_image(predictor, prompt=with_trigger), base_with)
+    assert_same_state(state(predictor), base_state, "after the embeddings")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("kohya", r"^embeddings\[0\] http://[^ ]+/trained_model_kohya.safetensors: not an SDXL embedding: it lacks "
+              r"clip_l and clip_g \(has lora_unet_"),
+    ("NOG.safetensors", r"^embeddings\[0\] .*NOG.safetensors: not an SDXL embedding: it lacks clip_g \(has clip_l\)$"),
+    ("REAL.safetensors", r"^embeddings\[0\] .*: clip_l embeddings have shape \[2, 768\] but this base model's text "
+                         r"encoder has width 32"),
+    ("PICKLED.pt", r"^embeddings\[0\]: http://[^ ]+/PICKLED.pt: not a .safetensors file$"),
+    ("PICKLED.safetensors", r"^embeddings\[0\]: http://[^ ]+/PICKLED.safetensors: not a .safetensors file$"),
+    ("tar", r"^embeddings\[0\]:? http://[^ ]+\.tar: not a .safetensors file$"),  # fetched, or cached as a tar
+    ("two-words.safetensors", r"^embeddings\[0\]: the file name 'two-words' is not one word \(letters, digits, _\) "
+                              r"to use as the trigger word; add #trigger=WORD to name it$"),
+    ("data", r"^embeddings\[0\]: a data: URI has no file name to take the trigger word from; add #trigger=WORD$"),
+])
+def test_bad_embedding_files_are_one_line_naming_the_input_and_change_nothing(predictor, from_elsewhere, name,
+                                                                               message):
+    base, base_state = one_image(predictor), state(predictor)
+    with pytest.raises(ValueError, match=message) as error:
+        one_image(predictor, extra_lora=from_elsewhere["kohya"], embeddings=from_elsewhere[name])
+    assert "\n" not in str(error.value)
+    with pytest.raises(ValueError, match=r"^embeddings\[1\]: #trigger= 'two words' is not one word"):
+        one_image(predictor, embeddings=[from_elsewhere["TOK"], from_elsewhere["TOK"] + "#trigger=two words"])
     assert_images_close(one_image(predictor), base)
     assert_same_state(state(predictor), base_state, "after the refusal")
 

@@ -515,6 +515,25 @@ def bundled_embeddings(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dic
     return {name: torch.cat(rows) for name, rows in embeddings.items()}, special_params
 
 
+EMBEDDING_KEYS = ("clip_l", "clip_g")
+
+
+def read_embedding_file(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An SDXL textual-inversion embedding file as A1111, Forge, ComfyUI and civitai use them, and as a trained
+    tar's ``embeddings/<trigger>.safetensors``: ``clip_l`` [n, width] and ``clip_g`` [n, width] with the same n
+    (768 and 1280 on SDXL; the consumer checks the widths against its text encoders). Other keys are ignored."""
+    missing = [name for name in EMBEDDING_KEYS if name not in tensors]
+    if missing:
+        found = ", ".join(sorted(tensors)[:3]) + (", …" if len(tensors) > 3 else "") or "no tensors"
+        raise LoraFormatError(f"not an SDXL embedding: it lacks {' and '.join(missing)} (has {found})")
+    tables = {name: tensors[name] for name in EMBEDDING_KEYS}
+    shapes = {name: list(table.shape) for name, table in tables.items()}
+    if any(table.dim() != 2 or table.shape[0] == 0 for table in tables.values()) or \
+            tables["clip_l"].shape[0] != tables["clip_g"].shape[0]:
+        raise LoraFormatError(f"clip_l and clip_g must be [tokens, width] with the same token count, got {shapes}")
+    return tables
+
+
 @dataclass(frozen=True)
 class LoraFile:
     """A bare LoRA file read into the predictor's terms: the UNet LoRA, bundled embeddings, trigger words, and how

@@ -338,9 +338,10 @@ class WeightsCache:
         """Remove an entry (one whose files turned out unreadable: it could only fail again)."""
         shutil.rmtree(self.root / key, ignore_errors=True)
 
-    def ensure(self, source: str, allow_path: bool | None = None) -> Path:
+    def ensure(self, source: str, allow_path: bool | None = None, safetensors_only: bool = False) -> Path:
         """The extracted folder of ``source`` (a folder is used in place), fetching it on a miss. A local path is
-        refused, without looking at it, unless ``allow_path`` (default: the settings' ``allow_local_paths``)."""
+        refused, without looking at it, unless ``allow_path`` (default: the settings' ``allow_local_paths``).
+        ``safetensors_only``: a fetched file that is not a ``.safetensors`` is refused (never extracted or kept)."""
         kind = source_kind(source)
         if kind == "path" and not (self.settings.allow_local_paths if allow_path is None else allow_path):
             raise WeightsError("local paths are not accepted here; give an http(s) URL or a data: URI")
@@ -354,15 +355,17 @@ class WeightsCache:
         cached = self.lookup(key)
         if cached is not None:
             return cached
-        return self._admit(source, key)
+        return self._admit(source, key, safetensors_only)
 
-    def _admit(self, source: str, key: str) -> Path:
+    def _admit(self, source: str, key: str, safetensors_only: bool = False) -> Path:
         staging = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=self.root))
         self.pinned.add(key)
         try:
             archive = self._fetch(source, staging)
             extracted = staging / "extracted"
             self.make_room(archive.stat().st_size)
+            if safetensors_only and not is_safetensors(archive):
+                raise WeightsError(f"{redact(source)}: not a .safetensors file")
             if is_safetensors(archive):
                 extracted.mkdir()
                 os.rename(archive, extracted / BARE_LORA)
