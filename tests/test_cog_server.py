@@ -135,6 +135,7 @@ INVALID = [
     ("predict", "lora_scale", 2.5, "greater than the maximum"),
     ("predict", "extra_lora_scale", "strong", "is not valid under any of the schemas"),
     ("predict", "extra_lora", 7, "is not valid under any of the schemas"),
+    ("predict", "embeddings", 7, "is not valid under any of the schemas"),
     ("predict", "width", 4096, "greater than the maximum"),
     ("predict", "height", 32, "less than the minimum"),
     ("train", "max_train_steps", "many", "is not of type"),
@@ -204,6 +205,25 @@ def test_extra_loras_as_one_url_or_a_list_with_their_scales(servers, files, trai
     assert np.array_equal(one, listed), "a one-item list is the single value"
     error = _failure(server, extra_lora=[files.url(bare_lora.name)] * 2, extra_lora_scale=[0.5])
     assert error == "extra_lora[1]: the same weights as extra_lora[0]; give each set once (its scale can go up to 2)"
+
+
+def test_an_embedding_file_by_url_brings_its_trigger_word_and_a_lora_given_as_one_is_refused(servers, files,
+                                                                                              trained_tar, bare_lora):
+    """The trained tar's embeddings/TOK.safetensors by URL, as an A1111/ComfyUI embedding file is given."""
+    folder = trained_tar.parent / "embeddings"
+    with tarfile.open(trained_tar) as tar:
+        member = next(m for m in tar.getmembers() if m.name.endswith("embeddings/TOK.safetensors"))
+        folder.mkdir(exist_ok=True)
+        (folder / "TOK.safetensors").write_bytes(tar.extractfile(member).read())
+    server = servers["predict"]
+    base = _predict(server)[0]
+    assert images_differ(_predict(server, embeddings=files.url("embeddings/TOK.safetensors"))[0], base)
+    assert np.array_equal(_predict(server, embeddings=[files.url("embeddings/TOK.safetensors")],
+                                   prompt="a photo of a dog")[0],
+                          _predict(server, prompt="a photo of a dog")[0]), "no trigger word, no change"
+    error = _failure(server, embeddings=files.url(bare_lora.name))
+    assert re.fullmatch(r"embeddings\[0\] http://127\.0\.0\.1/other_lora\.safetensors: not an SDXL embedding: it "
+                        r"lacks clip_l and clip_g \(has unet\..*\)", error), error
 
 
 def test_what_cog_predict_sends_for_at_file_works_and_local_paths_are_refused(servers, trained_tar):
