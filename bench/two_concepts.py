@@ -125,8 +125,8 @@ def main() -> None:
           "| HRT → star (cross-talk) | train s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, what, samples, (tok, hrt), seconds in rows:
-        print(f"| {name} | {what} | {samples} | {tok.star:.2f} | {hrt.heart:.2f} | {tok.heart:.2f} | {hrt.star:.2f} "
-              f"| {seconds:.0f} |")
+        print(f"| {name} | {what} | {samples} | {tok.star:.2f} | {hrt.heart:.2f} | {tok.heart:.2f} "
+              f"| {hrt.star:.2f} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":
