@@ -138,3 +138,23 @@ def test_pretraining_captions_hold_unknown_nouns_and_both_dropped_forms():
     assert 150 <= dropped_zero <= 250 and 150 <= dropped_empty <= 250  # 10 % dropped, half each: 200 expected
     assert 0.07 <= len(unknown) / len(nouns) <= 0.13 and len(set(unknown)) > 100  # 10 % unknown, many different
     assert all(n == "square" for n in nouns if n in VOCABULARY)
+
+
+def test_a_two_concept_upload_gives_each_render_its_folders_trigger_and_repeats(tmp_path):
+    """bench/two_concepts.py's upload, read by the product's preprocessing: star renders train as TOK once per
+    epoch, heart renders as HRT three times, each caption naming its own trigger."""
+    import csv
+
+    import preprocess
+    from pti.toyworld.fidelity import ConceptUpload, Subject, write_concepts_archive
+
+    star, heart = Subject("star", "red", trigger="TOK"), Subject("heart", "blue", trigger="HRT")
+    archive = write_concepts_archive((ConceptUpload(star, 2, "star"), ConceptUpload(heart, 2, "heart", repeats=3)),
+                                     tmp_path / "two.zip")
+    dataset = preprocess.preprocess(archive, tmp_path / "dataset", preprocess.PreprocessSettings(
+        resolution=64, token_string="TOK", trigger_words=("HRT",), caption_prefix="a photo of TOK, ",
+        captioning_model=None, crop_based_on_salience=False, device="cpu"))
+    with (dataset / "captions.csv").open(newline="", encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))
+    seen = sorted((row["concept"], row["repeats"], " ".join(row["caption"].split()[4:6])) for row in rows)
+    assert seen == [("HRT", "3", "blue HRT")] * 2 + [("TOK", "1", "red TOK")] * 2

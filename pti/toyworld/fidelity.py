@@ -67,12 +67,41 @@ def write_training_archive(subject: Subject, path: Path, count: int = 10, seed: 
     """A zip of ``count`` renders with sidecar captions naming the trigger word, as a user would upload it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w") as archive:
-        for index, scene in enumerate(training_scenes(subject, count, seed)):
-            buffer = io.BytesIO()
-            render(scene).save(buffer, format="PNG")
-            archive.writestr(f"{subject.shape}_{index:02d}.png", buffer.getvalue())
-            archive.writestr(f"{subject.shape}_{index:02d}.txt", caption(scene, shape_word=subject.trigger))
+        _write_renders(archive, subject, count, seed, folder="")
     return path
+
+
+@dataclass(frozen=True)
+class ConceptUpload:
+    """One concept of a several-concept upload: ``count`` renders of a subject in the folder
+    ``<repeats>_<trigger> <class_word>/`` (kohya's naming)."""
+
+    subject: Subject
+    count: int
+    class_word: str
+    repeats: int = 1
+
+    @property
+    def folder(self) -> str:
+        return f"{self.repeats}_{self.subject.trigger} {self.class_word}"
+
+
+def write_concepts_archive(concepts: Sequence[ConceptUpload], path: Path, seed: int = 0) -> Path:
+    """A zip with one concept folder per entry, each with its own renders and sidecar captions naming its trigger."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as archive:
+        for index, concept in enumerate(concepts):
+            _write_renders(archive, concept.subject, concept.count, seed + index, folder=concept.folder)
+    return path
+
+
+def _write_renders(archive: zipfile.ZipFile, subject: Subject, count: int, seed: int, folder: str) -> None:
+    prefix = f"{folder}/" if folder else ""
+    for index, scene in enumerate(training_scenes(subject, count, seed)):
+        buffer = io.BytesIO()
+        render(scene).save(buffer, format="PNG")
+        archive.writestr(f"{prefix}{subject.shape}_{index:02d}.png", buffer.getvalue())
+        archive.writestr(f"{prefix}{subject.shape}_{index:02d}.txt", caption(scene, shape_word=subject.trigger))
 
 
 def subject_probes(subject: Subject, count: int) -> list[Probe]:
