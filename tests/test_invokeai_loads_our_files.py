@@ -64,7 +64,7 @@ def invokeai_site() -> Path:
     command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
                "--target", str(staging), *INVOKEAI_SITE_PACKAGES]
     try:
-        result = subprocess.run(command, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+        result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         shutil.rmtree(staging, ignore_errors=True)
         pytest.skip(f"InvokeAI {INVOKEAI_VERSION} not installable: pip took over {PIP_TIMEOUT_S} s")
@@ -98,8 +98,8 @@ def invokeai(sdxl, tmp_path_factory):  # noqa: F811
     }
     (out / "request.json").write_text(json.dumps(request))
     env = {**os.environ, "PYTHONPATH": str(site), "PYTHONNOUSERSITE": "1"}
-    result = subprocess.run([sys.executable, str(ROOT / "tests" / "invokeai_driver.py"), str(out / "request.json"),
-                             str(out)], capture_output=True, text=True, timeout=DRIVER_TIMEOUT_S, env=env,
+    command = [sys.executable, str(ROOT / "tests" / "invokeai_driver.py"), str(out / "request.json"), str(out)]
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=DRIVER_TIMEOUT_S, env=env,
                             cwd=out)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((out / "report.json").read_text())
