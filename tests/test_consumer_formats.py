@@ -8,10 +8,10 @@ Each consumer's rule is written here from its own loading code (read, not copied
   the first dot is ``bundle_emb`` is split at the next dot into (embedding name, ``clip_l``/``clip_g``).
 * kohya ``networks/sdxl_merge_lora.py``: every key without ``alpha`` names its module as the text before
   ``.lora_``, whose ``.alpha`` it then looks up.
-* InvokeAI (``convert_sdxl_keys_to_diffusers_format``): every key must start with ``lora_unet_``, ``lora_te1_`` or
-  ``lora_te2_``.
-* A1111/Forge textual inversion (``create_embedding_from_data``) and InvokeAI: a file with ``clip_l`` and ``clip_g``
-  is an SDXL embedding of ``clip_g.shape[0]`` vectors; ComfyUI reads ``clip_l``/``clip_g`` for each encoder.
+* A1111/Forge textual inversion (``create_embedding_from_data``): a file with ``clip_l`` and ``clip_g`` is an SDXL
+  embedding of ``clip_g.shape[0]`` vectors; ComfyUI reads ``clip_l``/``clip_g`` for each encoder.
+
+InvokeAI ships on the package index, so its own code loads these files in tests/test_invokeai_loads_our_files.py.
 * DoRA: PEFT scales each output row of ``W + s·BA`` to the magnitude; A1111 and ComfyUI divide per input column,
   and ComfyUI/Forge's ``[out, 1]`` branch divides by the base weight's row norm.
 """
@@ -177,12 +177,6 @@ def test_kohya_merge_accepts_the_plain_file_and_fails_on_the_bundle(sdxl):
     assert len(merged) == len(sdxl["modules"]) and set(merged.values()) == {ALPHA}
     with pytest.raises(KeyError):
         kohya_merge_modules([load_file(sdxl["out"] / "subject.safetensors"), plain])
-
-
-def test_invokeai_key_prefixes_accept_the_plain_file_only(sdxl):
-    prefixes = ("lora_unet_", "lora_te1_", "lora_te2_")
-    assert all(k.startswith(prefixes) for k in load_file(sdxl["out"] / "subject_kohya.safetensors"))
-    assert not all(k.startswith(prefixes) for k in load_file(sdxl["out"] / "subject.safetensors"))
 
 
 def a1111_bundled_embeddings(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:

@@ -486,8 +486,8 @@ embeddings: keep using the files in `{TRIGGER_EMBEDDINGS_DIR}/` with the merged 
     def _invokeai(self) -> str:
         trigger = self._first[0]
         if self._has_kohya_files:
-            lora = (f"Install `{self._plain}.safetensors` as a LoRA (InvokeAI refuses the bundled file's "
-                    "`bundle_emb` keys) and ")
+            lora = (f"Install `{self._plain}.safetensors` as a LoRA (`{self.name}.safetensors` installs too, but "
+                    "InvokeAI skips its bundled embeddings) and ")
         elif not self.is_lora:
             lora = f"Install `{FULL_CHECKPOINT_FILE}` as a main model and "
         else:
