@@ -6,7 +6,6 @@ from __future__ import annotations
 import inspect
 import json
 import logging
-import os
 import shutil
 import tarfile
 import zipfile
@@ -20,6 +19,7 @@ from safetensors import safe_open
 from exactness import assert_images_close, images_differ
 from training_fixtures import write_plain_folder
 from weights_fixtures import one_torch_thread  # noqa: F401  (autouse fixture)
+from weights_fixtures import predictor_with_own_cache
 
 STEPS = (2, 4, 6)  # checkpointing_steps=2 of max_train_steps=8: the final step 8 is the tar's top level
 WEIGHT_FILES = {"pytorch_lora_weights.safetensors", "embeddings.safetensors", "embeddings/TOK.safetensors",
@@ -56,17 +56,7 @@ def unpacked(trained_tar, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory):
-    from predict import Predictor
-
-    previous = os.environ.get("WEIGHTS_CACHE_DIR")
-    os.environ["WEIGHTS_CACHE_DIR"] = str(tmp_path_factory.mktemp("weights-cache"))
-    predictor = Predictor()
-    predictor.setup()
-    yield predictor
-    if previous is None:
-        os.environ.pop("WEIGHTS_CACHE_DIR")
-    else:
-        os.environ["WEIGHTS_CACHE_DIR"] = previous
+    yield from predictor_with_own_cache(tmp_path_factory)
 
 
 def image(predictor, weights: str | None, **inputs) -> np.ndarray:

@@ -20,16 +20,15 @@ import safetensors.torch
 import torch
 from PIL import Image
 
-from predict import Predictor
+from predict import Predictor, default_inputs
 from exactness import assert_images_close, assert_same_state, effective_state, images_differ
 from misbehaving_server import MisbehavingServer
 from threads import TORCH_THREADS
 from weights_fixtures import one_torch_thread  # noqa: F401  (autouse fixture)
-from weights_fixtures import tiny_unet, write_cog_sdxl_tar, write_trained_tar
+from weights_fixtures import predictor_with_own_cache, tiny_unet, write_cog_sdxl_tar, write_trained_tar
 
 ROOT = Path(__file__).resolve().parents[1]
-PREDICT_DEFAULTS = {name: param.default.default for name, param in inspect.signature(Predictor.predict).parameters.items()
-                    if name != "self"}
+PREDICT_DEFAULTS = default_inputs()
 FAST = dict(width=64, height=64, num_inference_steps=2, seed=11, output_format="png", prompt="a photo of TOK dog")
 
 # Fresh processes: the imports are done once, then each case runs in its own forked child (no model, adapter or
@@ -95,15 +94,7 @@ def fresh_images(tars, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory) -> Predictor:
-    previous = os.environ.get("WEIGHTS_CACHE_DIR")
-    os.environ["WEIGHTS_CACHE_DIR"] = str(tmp_path_factory.mktemp("weights-cache"))
-    predictor = Predictor()
-    predictor.setup()
-    yield predictor
-    if previous is None:
-        os.environ.pop("WEIGHTS_CACHE_DIR")
-    else:
-        os.environ["WEIGHTS_CACHE_DIR"] = previous
+    yield from predictor_with_own_cache(tmp_path_factory)
 
 
 def run(predictor: Predictor, **inputs) -> list[Path]:

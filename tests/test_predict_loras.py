@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import inspect
-import os
 import tarfile
 from pathlib import Path
 
@@ -20,14 +18,13 @@ from safetensors.torch import save_file
 
 from exactness import assert_images_close, assert_same_state, effective_state, images_differ
 from misbehaving_server import MisbehavingServer
-from predict import Predictor
+from predict import Predictor, default_inputs
 from pti.formats import lora_formats
 from pti.inference.prompts import parse_prompt
 from weights_fixtures import one_torch_thread  # noqa: F401  (autouse fixture)
-from weights_fixtures import random_embeddings, tiny_unet, write_trained_tar
+from weights_fixtures import predictor_with_own_cache, random_embeddings, tiny_unet, write_trained_tar
 
-PREDICT_DEFAULTS = {name: param.default.default for name, param in inspect.signature(Predictor.predict).parameters.items()
-                    if name != "self"}
+PREDICT_DEFAULTS = default_inputs()
 FAST = dict(width=64, height=64, num_inference_steps=2, seed=11, output_format="png", prompt="a photo of a dog",
             apply_watermark=False)
 
@@ -50,15 +47,7 @@ def files(tars, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory) -> Predictor:
-    previous = os.environ.get("WEIGHTS_CACHE_DIR")
-    os.environ["WEIGHTS_CACHE_DIR"] = str(tmp_path_factory.mktemp("weights-cache"))
-    predictor = Predictor()
-    predictor.setup()
-    yield predictor
-    if previous is None:
-        os.environ.pop("WEIGHTS_CACHE_DIR")
-    else:
-        os.environ["WEIGHTS_CACHE_DIR"] = previous
+    yield from predictor_with_own_cache(tmp_path_factory)
 
 
 def one_image(predictor: Predictor, **inputs) -> np.ndarray:

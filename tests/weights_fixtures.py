@@ -121,3 +121,21 @@ def write_cog_sdxl_tar(folder: Path, seed: int, unet=None) -> Path:
         for path in sorted(out.iterdir()):
             tar.add(path, arcname=path.name)
     return tar_path
+
+
+def predictor_with_own_cache(tmp_path_factory):
+    """Body of a module-scoped ``predictor`` fixture: a set-up ``Predictor`` whose weights cache is a fresh folder
+    (``WEIGHTS_CACHE_DIR`` restored afterwards), so no other test module's downloads are reused."""
+    import os
+
+    from predict import Predictor
+
+    previous = os.environ.get("WEIGHTS_CACHE_DIR")
+    os.environ["WEIGHTS_CACHE_DIR"] = str(tmp_path_factory.mktemp("weights-cache"))
+    predictor = Predictor()
+    predictor.setup()
+    yield predictor
+    if previous is None:
+        os.environ.pop("WEIGHTS_CACHE_DIR")
+    else:
+        os.environ["WEIGHTS_CACHE_DIR"] = previous
