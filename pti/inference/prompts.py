@@ -38,10 +38,6 @@ _TOKENS = re.compile(r"""
 """, re.VERBOSE)
 
 
-class PromptError(ValueError):
-    """A prompt that cannot be encoded; one line naming the input."""
-
-
 @dataclass(frozen=True)
 class Fragment:
     """A run of prompt text with one attention weight; ``chunk_break`` marks a ``BREAK`` (its text is empty)."""
