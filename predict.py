@@ -7,6 +7,7 @@ A thin adapter: Cog inputs (the names, types, defaults and meanings of replicate
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -167,7 +168,8 @@ class Predictor(BasePredictor):
         elif self.default_weights:
             choices.insert(0, WeightsChoice(self.default_weights, lora_scale, "default weights", trusted=True))
         self.weights.use_all(choices)
-        expanded = self.weights.expand_prompt(prompt)
+        expanded, expanded_negative = self.weights.expand_prompts(prompt, negative_prompt)
+        request = dataclasses.replace(request, negative_prompt=expanded_negative)
         paths = generate_files(self.models, request, expanded, self._fresh_output_dir())
         self.record_metric("num_outputs", num_outputs)
         self.record_metric("width", width)

@@ -676,7 +676,7 @@ class ActiveWeights:
 
 class WeightsManager:
     """What the predictor calls: ``use(source, lora_scale, extras)`` before generating, then
-    ``expand_prompt(prompt)``."""
+    ``expand_prompts(prompt, negative_prompt)``."""
 
     def __init__(self, pipelines: Sequence, settings: WeightsSettings):
         self.settings = settings
@@ -801,19 +801,26 @@ class WeightsManager:
     def expand_prompt(self, prompt: str) -> str:
         """The prompt with the active weights' trigger words replaced by their tokens (warns once per weights when
         the prompt has none of their trigger words)."""
+        return self.expand_prompts(prompt, "")[0]
+
+    def expand_prompts(self, prompt: str, negative_prompt: str) -> tuple[str, str]:
+        """The prompt and the negative prompt with the active weights' trigger words replaced by their tokens (a
+        negative embedding works as in A1111/ComfyUI); warns once per weights when neither has their trigger words."""
         if not self.active:
-            return prompt
-        expanded, _ = expand_triggers(prompt, self.trigger_map())
+            return prompt, negative_prompt
+        triggers = self.trigger_map()
+        expanded, _ = expand_triggers(prompt, triggers)
+        expanded_negative, _ = expand_triggers(negative_prompt, triggers)
         for active in self.active:
             if not active.special_params or active.key in self._warned_missing_trigger:
                 continue
-            if not expand_triggers(prompt, active.special_params)[1]:
+            if not any(expand_triggers(text, active.special_params)[1] for text in (prompt, negative_prompt)):
                 self._warned_missing_trigger.add(active.key)
                 logger.warning("prompt has none of the trigger words %s of %s; the trained concept may not show",
                                ", ".join(active.special_params), active.label)
-        if expanded != prompt:
+        if expanded != prompt or expanded_negative != negative_prompt:
             logger.info("trigger words: %s", self.describe_triggers())
-        return expanded
+        return expanded, expanded_negative
 
     def tokenizers(self) -> list:
         """The tokenizers the pipelines use right now (with the active weights' tokens)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import logging
 import tarfile
 from pathlib import Path
 
@@ -289,6 +290,24 @@ def test_an_embedding_file_alone_changes_the_image_only_where_the_prompt_has_its
     assert len(files.requests) - downloads <= 1, "one download for every use of the file (cached, either name)"
     assert_images_close(one_image(predictor, prompt=with_trigger), base_with)
     assert_same_state(state(predictor), base_state, "after the embeddings")
+
+
+def test_an_embedding_files_trigger_in_the_negative_prompt_expands_there_and_changes_the_image(
+        predictor, from_elsewhere, caplog):
+    """A negative embedding (A1111/ComfyUI style): its trigger word, weighted, in ``negative_prompt`` only."""
+    negative = "(TOK:1.2), blurry"
+    plain_word = one_image(predictor, negative_prompt=negative)
+    caplog.set_level(logging.INFO, logger="weights_manager")
+    with_embedding = one_image(predictor, embeddings=from_elsewhere["TOK"], negative_prompt=negative)
+    assert images_differ(with_embedding, plain_word), "the embedding's rows in the negative prompt change the image"
+    expanded, expanded_negative = predictor.weights.expand_prompts("a photo of a dog", negative)
+    assert expanded == "a photo of a dog"
+    assert [(f.text, round(f.weight, 6)) for f in parse_prompt(expanded_negative)] == [
+        ("<e0s0><e0s1>", 1.2), (", blurry", 1.0)]
+    logged = [r.getMessage() for r in caplog.records if r.name == "weights_manager"]
+    assert any(m.startswith("trigger words: TOK -> <e0s0><e0s1> (embeddings[0]") for m in logged), logged
+    assert not any("none of the trigger words" in m for m in logged), "a trigger in the negative prompt counts"
+    assert_images_close(one_image(predictor, negative_prompt=negative), plain_word, "unloaded, TOK is a word again")
 
 
 @pytest.mark.parametrize("name, message", [
