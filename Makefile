@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: venv test demo schema clean weights gpu-check
+.PHONY: venv test demo schema clean weights gpu-check invokeai
 
 $(VENV)/.installed: requirements.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11) on PATH"; exit 1; }
@@ -50,6 +50,11 @@ schema: $(VENV)/.installed
 # Half-precision weights of every model the image uses into weights/ (cog build copies it into /src/weights).
 weights: $(VENV)/.installed
 	HF_HUB_OFFLINE=0 $(PY) scripts/download_weights.py
+
+# InvokeAI's own loading code, apart from the product's environment, for tests/test_invokeai_loads_our_files.py
+# (skipped without it: tests never download). Needs the package index once.
+invokeai: $(VENV)/.installed
+	$(PY) scripts/install_invokeai.py
 
 # On a CUDA machine, offline: full-size SDXL with random weights, train() + predictor; one table, exit 1 on failure.
 GPU_DEVICE ?= cuda

@@ -1,5 +1,4 @@
-"""Test-wide settings: never touch the network (one exception: tests/test_invokeai_loads_our_files.py installs InvokeAI
-from the package index into .cache, once, and skips without it), cache built tiny models inside the checkout."""
+"""Test-wide settings: never touch the network, cache built tiny models inside the checkout."""
 
 import os
 import sys

@@ -2,11 +2,11 @@
 
 InvokeAI ships on the package index, so rather than restate its rules this test runs its code, in a test environment
 separate from the product's: InvokeAI's wheel and the few small packages its loading modules import are installed
-with ``pip install --no-deps --target`` into a folder of the test cache (``.cache/invokeai-<version>-site``, fetched
-from the package index on first use; ``PTI_INVOKEAI_SITE`` names a ready folder instead), and
+with ``pip install --no-deps --target`` into a folder of the test cache by ``make invokeai``
+(scripts/install_invokeai.py; ``PTI_INVOKEAI_SITE`` names a ready folder instead), and
 ``tests/invokeai_driver.py`` runs in a subprocess whose path holds that folder and not the product's code. It uses the
-torch/diffusers/transformers of the test environment, InvokeAI's files as released. Without the package index and
-without a ready folder, the test is skipped with the reason.
+torch/diffusers/transformers of the test environment, InvokeAI's files as released. The test never downloads:
+without that folder it is skipped, saying how to install it.
 
 The files are the real exporter's, on the real SDXL-base UNet built on the ``meta`` device (the ``sdxl`` fixture of
 tests/test_consumer_formats.py: 560 attention modules, 7 trigger words).
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -29,15 +28,9 @@ from test_consumer_formats import ALPHA, RANK, TRIGGERS, sdxl  # noqa: F401  (sd
 from test_lora_formats import SDXL_UNET_CONFIG
 
 ROOT = Path(__file__).resolve().parents[1]
-INVOKEAI_VERSION = "6.14.2"
-# InvokeAI and what its model-manager, LoRA and textual-inversion modules import beyond torch/diffusers/transformers/
-# safetensors/pydantic/numpy (which the test environment has). Pinned so every run loads the same code.
-INVOKEAI_SITE_PACKAGES = (
-    f"invokeai=={INVOKEAI_VERSION}", "pydantic-settings==2.16.3", "python-dotenv==1.2.4", "compel==2.5.1",
-    "gguf==0.19.0", "blake3==1.0.11", "picklescan==1.0.5", "onnxruntime==1.19.2", "onnx==1.16.1", "einops==0.8.2",
-    "Deprecated==1.3.1", "wrapt==2.5.2", "spandrel==0.4.2",
-)
-PIP_TIMEOUT_S = 600
+sys.path.insert(0, str(ROOT / "scripts"))
+import install_invokeai  # noqa: E402
+
 DRIVER_TIMEOUT_S = 600
 EMBEDDING_TRIGGERS = ("T0", "T6")
 # Three shapes of SDXL attention projection: self-attention 640→640, cross-attention 2048→1280, an output projection.
@@ -46,35 +39,11 @@ SAMPLE_MODULES = ("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q",
                   "mid_block.attentions.0.transformer_blocks.5.attn1.to_out.0")
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("COG_SDXL_CACHE", ROOT / ".cache"))
-
-
 def invokeai_site() -> Path:
-    """The folder holding InvokeAI's package and its small imports, installed on first use; skips the test when it
-    cannot be had."""
-    if os.environ.get("PTI_INVOKEAI_SITE"):
-        return Path(os.environ["PTI_INVOKEAI_SITE"])
-    site = _cache_dir() / f"invokeai-{INVOKEAI_VERSION}-site"
-    marker = site / "INSTALLED"
-    if marker.is_file() and marker.read_text() == "\n".join(INVOKEAI_SITE_PACKAGES):
-        return site
-    staging = site.with_name(site.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    command = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--disable-pip-version-check",
-               "--target", str(staging), *INVOKEAI_SITE_PACKAGES]
-    try:
-        result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
-    except subprocess.TimeoutExpired:
-        shutil.rmtree(staging, ignore_errors=True)
-        pytest.skip(f"InvokeAI {INVOKEAI_VERSION} not installable: pip took over {PIP_TIMEOUT_S} s")
-    if result.returncode != 0:
-        shutil.rmtree(staging, ignore_errors=True)
-        last_line = (result.stderr.strip().splitlines() or ["no output"])[-1]
-        pytest.skip(f"InvokeAI {INVOKEAI_VERSION} not installable from the package index: {last_line}")
-    shutil.rmtree(site, ignore_errors=True)
-    staging.rename(site)
-    marker.write_text("\n".join(INVOKEAI_SITE_PACKAGES))
+    """The separate environment ``make invokeai`` installs; the test skips without it (tests never download)."""
+    site = install_invokeai.site_folder()
+    if not install_invokeai.is_installed(site):
+        pytest.skip(f"InvokeAI {install_invokeai.INVOKEAI_VERSION} not installed in {site}: run `make invokeai`")
     return site
 
 
