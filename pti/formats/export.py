@@ -436,18 +436,27 @@ same with `text_encoder_2`/`tokenizer_2`."""
 the trigger word goes. Each trigger word has its own file, so one can be used without the others. ComfyUI ignores
 embeddings bundled in a LoRA."""
 
-    def _a1111(self) -> str:
+    def _webui_without_lora(self, heading: str, tool: str) -> str | None:
+        """A1111's and Forge's recipe when there is no LoRA file for them (a full fine-tune, or a DoRA); ``None``
+        when there is one."""
         trigger = self._first[0]
         if not self.is_lora:
-            return f"""## AUTOMATIC1111
+            return f"""## {heading}
 
 Copy `{FULL_CHECKPOINT_FILE}` to `models/Stable-diffusion/` and pick it as the checkpoint;
 {self._embeddings_step("embeddings/")} and write `{trigger}` in the prompt."""
         if not self._has_kohya_files:
-            return f"""## AUTOMATIC1111
+            return f"""## {heading}
 
-No LoRA file for A1111 here (see Files); {self._embeddings_step("embeddings/")} and write `{trigger}` in the
+No LoRA file for {tool} here (see Files); {self._embeddings_step("embeddings/")} and write `{trigger}` in the
 prompt."""
+        return None
+
+    def _a1111(self) -> str:
+        trigger = self._first[0]
+        without_lora = self._webui_without_lora("AUTOMATIC1111", "A1111")
+        if without_lora:
+            return without_lora
         return f"""## AUTOMATIC1111
 
 Copy `{self.name}.safetensors` to `models/Lora/`. The embeddings are bundled in it under the trigger words, so
@@ -455,16 +464,9 @@ write the LoRA tag and the trigger word in the prompt, e.g. `a photo of {trigger
 
     def _forge(self) -> str:
         trigger = self._first[0]
-        if not self.is_lora:
-            return f"""## Forge
-
-Copy `{FULL_CHECKPOINT_FILE}` to `models/Stable-diffusion/` and pick it as the checkpoint;
-{self._embeddings_step("embeddings/")} and write `{trigger}` in the prompt."""
-        if not self._has_kohya_files:
-            return f"""## Forge
-
-No LoRA file for Forge here (see Files); {self._embeddings_step("embeddings/")} and write `{trigger}` in the
-prompt."""
+        without_lora = self._webui_without_lora("Forge", "Forge")
+        if without_lora:
+            return without_lora
         return f"""## Forge
 
 Forge does not read embeddings bundled in a LoRA (and drops a LoRA with more than 12 keys it does not know), so
