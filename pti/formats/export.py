@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from pti.formats import lora_formats, sgm_checkpoint
+from pti.formats import lora_formats, sgm_checkpoint, text_encoder_lora
 from pti.formats.lora_formats import UNetLayout
 from pti.formats.sgm_checkpoint import FULL_CHECKPOINT_FILE
 
@@ -162,7 +162,8 @@ def library_versions() -> dict[str, str]:
 # ---------------------------------------------------------------- the one-file kohya LoRA
 
 
-def kohya_metadata(lora: lora_formats.PeftLora, *, name: str, special_params: dict[str, str]) -> dict[str, str]:
+def kohya_metadata(lora: lora_formats.PeftLora, *, name: str, special_params: dict[str, str],
+                   trains_text_encoder: bool = False) -> dict[str, str]:
     """safetensors metadata read by A1111/Forge (``ss_*``), ComfyUI and model hubs (``modelspec.*``)."""
     adapter = lora_formats.peft_adapter_metadata(lora)
     triggers = list(special_params)
@@ -172,6 +173,7 @@ def kohya_metadata(lora: lora_formats.PeftLora, *, name: str, special_params: di
         "ss_network_alpha": str(adapter["lora_alpha"]),
         "ss_base_model_version": SDXL_BASE_VERSION,
         "ss_v2": "False",
+        "ss_network_train_unet_only": str(not trains_text_encoder),
         "ss_output_name": name,
         "ss_tag_frequency": json.dumps({name: {trigger: 1 for trigger in triggers}}),
         "ss_training_finished_at": str(int(datetime.now(timezone.utc).timestamp())),
@@ -204,7 +206,8 @@ def write_weight_files(out_dir: Path, *, unet_lora_state: dict[str, Tensor] | No
                        embeddings: dict[str, Tensor], special_params: dict[str, str], training_config: dict,
                        unet_layout: UNetLayout, name: str = "trained_model",
                        full_checkpoint_state: dict[str, Tensor] | None = None,
-                       save_precision: str = "fp16") -> None:
+                       save_precision: str = "fp16",
+                       text_encoder_loras: text_encoder_lora.TextEncoderLoras | None = None) -> None:
     """Write the weight files of the artifact contract into ``out_dir`` (created if missing).
 
     LoRA run: ``pytorch_lora_weights.safetensors`` and, unless it is a DoRA (which only diffusers applies as
@@ -215,10 +218,14 @@ def write_weight_files(out_dir: Path, *, unet_lora_state: dict[str, Tensor] | No
     ``embeddings/<trigger>.safetensors`` per trigger word, ``special_params.json`` and ``training_config.json``
     (with library versions added). ``unet_layout`` is the trained UNet's block structure,
     ``UNetLayout.from_unet_config(unet.config)``, which names the kohya keys. Weights are written in
-    ``save_precision`` (``fp16``, ``bf16`` or ``fp32``).
+    ``save_precision`` (``fp16``, ``bf16`` or ``fp32``). ``text_encoder_loras`` (a LoRA run with
+    ``train_text_encoder``, by component name in canonical module names) joins every LoRA file: ``text_encoder.`` /
+    ``text_encoder_2.`` keys in the diffusers file, ``lora_te1_`` / ``lora_te2_`` in the kohya files.
     """
     if (unet_lora_state is None) == (full_checkpoint_state is None):
         raise ExportError("give exactly one of unet_lora_state (LoRA run) and full_checkpoint_state (full fine-tune)")
+    if text_encoder_loras and unet_lora_state is None:
+        raise ExportError("text_encoder_loras go into the LoRA files; a full fine-tune has none")
     if save_precision not in SAVE_PRECISIONS:
         raise ExportError(f"save_precision {save_precision!r} is not one of {', '.join(SAVE_PRECISIONS)}")
     dtype = SAVE_PRECISIONS[save_precision]
@@ -226,7 +233,7 @@ def write_weight_files(out_dir: Path, *, unet_lora_state: dict[str, Tensor] | No
     _check_embeddings(embeddings, special_params)
     if unet_lora_state is not None:
         unet_files = _lora_files(unet_lora_state, lora_alpha, embeddings, special_params, name, unet_layout,
-                                 base_model_metadata(training_config))
+                                 base_model_metadata(training_config), text_encoder_loras or {})
     else:
         metadata = sgm_checkpoint.checkpoint_metadata(name, list(special_params))
         unet_files = {FULL_CHECKPOINT_FILE: (full_checkpoint_state, metadata)}
@@ -249,25 +256,41 @@ SafetensorsFile = tuple[dict[str, Tensor], dict[str, str] | None]
 
 def _lora_files(state: dict[str, Tensor], lora_alpha: float | None, embeddings: dict[str, Tensor],
                 special_params: dict[str, str], name: str, layout: UNetLayout,
-                base_metadata: dict[str, str]) -> dict[str, SafetensorsFile]:
+                base_metadata: dict[str, str],
+                text_encoder_loras: text_encoder_lora.TextEncoderLoras) -> dict[str, SafetensorsFile]:
     """The diffusers file and (plain LoRA only) the kohya files with and without bundled embeddings, by file name;
-    ``base_metadata`` (:func:`base_model_metadata`) joins the kohya files' metadata."""
+    ``base_metadata`` (:func:`base_model_metadata`) joins the kohya files' metadata. The text encoders' LoRAs (if
+    any) join each file."""
     if lora_alpha is None:
         raise ExportError("lora_alpha is required with unet_lora_state (the LoraConfig's lora_alpha)")
     try:
         lora = lora_formats.peft_lora(state, lora_alpha)
-        files = {DIFFUSERS_LORA_FILE: lora_formats.peft_to_diffusers_file(lora)}
+        files = {DIFFUSERS_LORA_FILE: _diffusers_file(lora, text_encoder_loras)}
         if lora.use_dora:
             return files
-        kohya = lora_formats.peft_to_kohya(lora, layout)
+        kohya = {**lora_formats.peft_to_kohya(lora, layout), **text_encoder_lora.to_kohya(text_encoder_loras)}
         bundle = {**kohya, **lora_formats.split_embeddings_by_trigger(embeddings, special_params)}
     except lora_formats.LoraFormatError as err:
-        raise ExportError(f"cannot export the UNet LoRA: {err}") from None
-    metadata = {**kohya_metadata(lora, name=name, special_params=special_params), **base_metadata}
+        raise ExportError(f"cannot export the LoRA: {err}") from None
+    metadata = {**kohya_metadata(lora, name=name, special_params=special_params,
+                                 trains_text_encoder=bool(text_encoder_loras)), **base_metadata}
     files[f"{name}.safetensors"] = (bundle, metadata)
     files[f"{name}{KOHYA_PLAIN_SUFFIX}.safetensors"] = (kohya, {**metadata, "ss_output_name": name + KOHYA_PLAIN_SUFFIX,
                                                                  "modelspec.title": name + KOHYA_PLAIN_SUFFIX})
     return files
+
+
+def _diffusers_file(lora: lora_formats.PeftLora,
+                    text_encoder_loras: text_encoder_lora.TextEncoderLoras) -> SafetensorsFile:
+    """``pytorch_lora_weights.safetensors``: the UNet's keys and adapter config, and the text encoders' beside them
+    (one ``lora_adapter_metadata`` JSON with ``unet.``/``text_encoder.``/``text_encoder_2.`` keys)."""
+    tensors, metadata = lora_formats.peft_to_diffusers_file(lora)
+    if not text_encoder_loras:
+        return tensors, metadata
+    text_tensors, text_config = text_encoder_lora.to_diffusers(text_encoder_loras)
+    packed = {**json.loads(metadata[lora_formats.LORA_ADAPTER_METADATA_KEY]), **text_config}
+    return ({**tensors, **text_tensors},
+            {**metadata, lora_formats.LORA_ADAPTER_METADATA_KEY: json.dumps(packed, indent=2, sort_keys=True)})
 
 
 def write_model_card(out_dir: Path, *, special_params: dict[str, str], base_model: str, name: str,
@@ -287,10 +310,16 @@ def write_model_card(out_dir: Path, *, special_params: dict[str, str], base_mode
     if not is_lora and not (out_dir / FULL_CHECKPOINT_FILE).is_file():
         raise ExportError(f"{out_dir} holds no UNet weights; call write_weight_files before write_model_card")
     has_kohya_files = (out_dir / f"{name}{KOHYA_PLAIN_SUFFIX}.safetensors").is_file()
-    card = ModelCard(special_params, base_model, name, links, training_config, is_lora, has_kohya_files)
+    card = ModelCard(special_params, base_model, name, links, training_config, is_lora, has_kohya_files,
+                     is_lora and _has_text_encoder_keys(out_dir / DIFFUSERS_LORA_FILE))
     path = out_dir / MODEL_CARD_FILE
     _write_text(path, card.text())
     return path
+
+
+def _has_text_encoder_keys(path: Path) -> bool:
+    with safetensors.safe_open(str(path), framework="pt") as handle:
+        return any(text_encoder_lora.is_diffusers_key(key) for key in handle.keys())
 
 
 @dataclass(frozen=True)
@@ -302,6 +331,7 @@ class ModelCard:
     training_config: dict
     is_lora: bool
     has_kohya_files: bool  # False for a full fine-tune and for a DoRA (see _lora_files)
+    has_text_encoder_lora: bool = False  # trained with train_text_encoder: every LoRA file adapts both encoders
 
     def text(self) -> str:
         return "\n\n".join([self._front_matter(), self._intro(), self._files(), self._diffusers(), self._comfyui(),
@@ -357,7 +387,8 @@ With this repository's predictor, in A1111, Forge and ComfyUI write the trigger 
 {rows}"""
 
     def _files(self) -> str:
-        rows = [f"| `{DIFFUSERS_LORA_FILE}` | UNet weights for diffusers |" if self.is_lora else
+        what = "UNet and text-encoder LoRA" if self.has_text_encoder_lora else "UNet weights"
+        rows = [f"| `{DIFFUSERS_LORA_FILE}` | {what} for diffusers |" if self.is_lora else
                 f"| `{FULL_CHECKPOINT_FILE}` | the whole SDXL model, single-file SGM layout, {self._precision} "
                 "(A1111, Forge, ComfyUI, InvokeAI, diffusers `from_single_file`) |",
                 f"| `{EMBEDDINGS_FILE}` | new-token embeddings: `clip_l` (first text encoder), `clip_g` (second), "
@@ -373,6 +404,10 @@ With this repository's predictor, in A1111, Forge and ComfyUI write the trigger 
         rows += [f"| `{SPECIAL_PARAMS_FILE}` | trigger word → tokens |",
                  f"| `{TRAINING_CONFIG_FILE}` | every training setting and library versions |"]
         table = "## Files\n\n| file | what |\n| --- | --- |\n" + "\n".join(rows)
+        if self.has_text_encoder_lora:
+            table += ("\n\nThe LoRA adapts both text encoders too (diffusers `text_encoder`/`text_encoder_2` keys, "
+                      "kohya `lora_te1_`/`lora_te2_`): every tool that loads the LoRA applies them, at the LoRA's "
+                      "strength.")
         if self._use_dora:
             table += ("\n\nThis is a DoRA: only diffusers (and this repository's predictor) apply it as trained, so "
                       "no kohya-layout LoRA is included. A1111 and ComfyUI normalise DoRA per input column, "

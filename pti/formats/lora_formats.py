@@ -17,7 +17,7 @@ Layouts:
   loaders ignore ``dora_scale``), so a DoRA adapter is refused here and shipped in the diffusers file only.
 * **bare LoRA files** (what civitai and the Hugging Face hub serve): a kohya file (above, with or without
   ``bundle_emb``), a diffusers file (today's or the older ``.lora.down/up`` names) or cog-sdxl processor keys;
-  :func:`read_lora_file` reads any of them, leaving text-encoder layers out.
+  :func:`read_lora_file` reads any of them, with their SDXL text-encoder layers (:mod:`text_encoder_lora`).
 * **cog-sdxl legacy** (replicate/cog-sdxl tars): attention-processor keys
   ``<attention>.processor.to_q_lora.down.weight`` / ``.up.weight`` (``to_out_lora`` for ``to_out.0``), no alpha
   (scale 1), and ``embeddings.pti`` with ``text_encoders_0`` / ``text_encoders_1``.
@@ -28,14 +28,16 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 KOHYA_PREFIX = "lora_unet_"
+KOHYA_TEXT_ENCODER_PREFIXES = ("lora_te1_", "lora_te2_")  # SDXL's two text encoders (pti.formats.text_encoder_lora)
 BUNDLE_EMB_PREFIX = "bundle_emb."
 DIFFUSERS_UNET_PREFIX = "unet."
+DIFFUSERS_TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.")
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 
 _PEFT_A, _PEFT_B, _PEFT_MAGNITUDE = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"
@@ -338,7 +340,8 @@ def peft_to_kohya(lora: PeftLora, layout: UNetLayout = SDXL_UNET_LAYOUT) -> dict
 
 
 def kohya_to_peft(state: dict[str, Tensor], layout: UNetLayout = SDXL_UNET_LAYOUT) -> PeftLora:
-    """kohya/WebUI UNet LoRA (SGM or diffusers-style names) → PEFT layout; ``bundle_emb.*`` keys are ignored.
+    """kohya/WebUI UNet LoRA (SGM or diffusers-style names) → PEFT layout; ``bundle_emb.*`` and text-encoder
+    (``lora_te1_``/``lora_te2_``, read by :func:`text_encoder_lora.from_kohya`) keys are ignored.
 
     A layer without ``.alpha`` gets alpha = rank (scale 1), as kohya tools assume. A ``dora_scale`` (LyCORIS
     DoRA, normalised per input column) is refused: PEFT, which applies the LoRA here, normalises per output row.
@@ -364,10 +367,11 @@ def kohya_to_peft(state: dict[str, Tensor], layout: UNetLayout = SDXL_UNET_LAYOU
 def _kohya_layers(state: dict[str, Tensor]) -> list[str]:
     layers = []
     for key in state:
-        if key.startswith(BUNDLE_EMB_PREFIX):
+        if key.startswith((BUNDLE_EMB_PREFIX, *KOHYA_TEXT_ENCODER_PREFIXES)):  # text encoders: text_encoder_lora
             continue
         if not key.startswith(KOHYA_PREFIX):
-            raise LoraFormatError(f"key {key!r} is not a kohya UNet LoRA key (lora_unet_…) nor a bundled embedding")
+            raise LoraFormatError(f"key {key!r} is not a kohya UNet LoRA key (lora_unet_…), a text-encoder one "
+                                  "(lora_te1_/lora_te2_) nor a bundled embedding")
         layer, _, suffix = key.partition(".")
         if "." + suffix not in (_KOHYA_DOWN, _KOHYA_UP, _KOHYA_ALPHA, _KOHYA_DORA):
             raise LoraFormatError(f"kohya LoRA key {key!r} has an unknown suffix {suffix!r}")
@@ -409,11 +413,15 @@ def peft_to_diffusers_file(lora: PeftLora) -> tuple[dict[str, Tensor], dict[str,
 
 
 def diffusers_file_to_peft(tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> PeftLora:
-    """The inverse of :func:`peft_to_diffusers_file`; without adapter metadata the scale is 1 (alpha = rank)."""
+    """The inverse of :func:`peft_to_diffusers_file` (the UNet part: text-encoder keys are left to
+    :func:`text_encoder_lora.from_diffusers`); without adapter metadata the scale is 1 (alpha = rank)."""
     state = {}
     for key, value in tensors.items():
+        if key.startswith(DIFFUSERS_TEXT_ENCODER_PREFIXES):  # read by text_encoder_lora.from_diffusers
+            continue
         if not key.startswith(DIFFUSERS_UNET_PREFIX):
-            raise LoraFormatError(f"diffusers LoRA key {key!r} is not a UNet key (unet.…)")
+            raise LoraFormatError(f"diffusers LoRA key {key!r} is not a UNet key (unet.…) nor a text-encoder one "
+                                  "(text_encoder.…, text_encoder_2.…)")
         state[key[len(DIFFUSERS_UNET_PREFIX):]] = value
     modules = peft_modules(state)
     packed = json.loads((metadata or {}).get(LORA_ADAPTER_METADATA_KEY, "{}"))
@@ -536,16 +544,19 @@ def read_embedding_file(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 @dataclass(frozen=True)
 class LoraFile:
-    """A bare LoRA file read into the predictor's terms: the UNet LoRA, bundled embeddings, trigger words, and how
-    many text-encoder LoRA keys were left out (the predictor adapts the UNet only)."""
+    """A bare LoRA file read into the predictor's terms: the UNet LoRA (None for a text-encoder-only file), the
+    text encoders' LoRAs (by component name, canonical module names: :mod:`text_encoder_lora`), bundled embeddings,
+    trigger words, and how many text-encoder keys of layouts no SDXL pipeline has were left out."""
 
-    lora: PeftLora
+    lora: PeftLora | None
     embeddings: dict[str, Tensor]
     special_params: dict[str, str]
     skipped_text_encoder_keys: int = 0
+    text_encoder_loras: dict[str, PeftLora] = field(default_factory=dict)
 
 
-_TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
+# Text-encoder keys of other layouts (SD 1.x's single lora_te_, and unprefixed te_ names): counted and left out.
+_OTHER_TEXT_ENCODER_PREFIXES = ("lora_te", "text_encoder", "te_", "te1_", "te2_")
 # diffusers before PEFT (LoRACompatibleLinear, 0.21-0.24): ``unet.<module>.lora.down.weight`` / ``.lora.up.weight``
 _OLD_DIFFUSERS_SUFFIXES = ((".lora.down.weight", _PEFT_A), (".lora.up.weight", _PEFT_B))
 
@@ -562,6 +573,21 @@ def _new_diffusers_names(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     return renamed
 
 
+def _read_text_encoder_keys(tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> dict[str, PeftLora]:
+    """The SDXL text-encoder LoRAs of a bare file: kohya ``lora_te1_``/``lora_te2_`` or diffusers
+    ``text_encoder.``/``text_encoder_2.`` keys (not both)."""
+    from pti.formats import text_encoder_lora
+
+    kohya = {k: v for k, v in tensors.items() if text_encoder_lora.is_kohya_key(k)}
+    diffusers = {k: v for k, v in tensors.items() if text_encoder_lora.is_diffusers_key(k)}
+    if kohya and diffusers:
+        raise LoraFormatError(f"key {sorted(diffusers)[0]!r} is a diffusers text-encoder key beside kohya ones "
+                              f"({sorted(kohya)[0]!r}): the file mixes layouts")
+    if kohya:
+        return text_encoder_lora.from_kohya(kohya)
+    return text_encoder_lora.from_diffusers(diffusers, metadata)
+
+
 def read_lora_file(tensors: dict[str, Tensor], metadata: dict[str, str] | None,
                    layout: UNetLayout = SDXL_UNET_LAYOUT) -> LoraFile:
     """A bare SDXL LoRA ``.safetensors``, as civitai and the Hugging Face hub serve them: kohya layout (SGM or
@@ -569,30 +595,40 @@ def read_lora_file(tensors: dict[str, Tensor], metadata: dict[str, str] | None,
     optional ``lora_adapter_metadata``, or the older ``unet.….lora.down/up``), or cog-sdxl's attention-processor
     keys (``….processor.to_q_lora.down.weight``, with or without ``unet.``).
 
-    Text-encoder LoRA layers (many civitai SDXL LoRAs carry them) are left out and counted in
-    :attr:`LoraFile.skipped_text_encoder_keys`; the UNet part applies. A ``dora_scale`` (LyCORIS DoRA, normalised
-    per input column, which PEFT cannot apply) is refused, as is anything else that cannot be applied exactly:
-    one-line :class:`LoraFormatError`s naming a key.
+    Text-encoder LoRA layers (many civitai SDXL LoRAs carry them) are read too: kohya ``lora_te1_``/``lora_te2_``
+    and diffusers ``text_encoder.``/``text_encoder_2.`` keys (:mod:`text_encoder_lora`); text-encoder keys of
+    other layouts (SD 1.x's ``lora_te_``) are left out and counted in :attr:`LoraFile.skipped_text_encoder_keys`.
+    A ``dora_scale`` (LyCORIS DoRA, normalised per input column, which PEFT cannot apply) is refused, as is
+    anything else that cannot be applied exactly: one-line :class:`LoraFormatError`s naming a key.
     """
+    from pti.formats import text_encoder_lora
+
     if not tensors:
         raise LoraFormatError("the file holds no tensors")
-    state = {k: v for k, v in tensors.items() if not k.startswith(_TEXT_ENCODER_PREFIXES)}
-    skipped = len(tensors) - len(state)
+    text_encoder_loras = _read_text_encoder_keys(tensors, metadata)
+    state = {k: v for k, v in tensors.items()
+             if not (text_encoder_lora.is_kohya_key(k) or text_encoder_lora.is_diffusers_key(k))}
+    unet_state = {k: v for k, v in state.items() if not k.startswith(_OTHER_TEXT_ENCODER_PREFIXES)}
+    skipped = len(state) - len(unet_state)
+    state = unet_state
     if not state:
-        raise LoraFormatError(f"all {skipped} keys adapt a text encoder (e.g. {sorted(tensors)[0]!r}); only UNet "
-                              "LoRAs are supported")
+        if text_encoder_loras:
+            return LoraFile(None, {}, {}, skipped, text_encoder_loras)
+        raise LoraFormatError(f"all {skipped} keys adapt a text encoder in a layout SDXL has not (e.g. "
+                              f"{sorted(tensors)[0]!r}); SDXL's are lora_te1_/lora_te2_ or text_encoder(_2).")
     dora = sorted(k for k in state if k.endswith(_KOHYA_DORA))
     if dora:
         raise LoraFormatError(f"key {dora[0]!r} is a dora_scale (LyCORIS DoRA, normalised per input column), which "
                               "diffusers/PEFT cannot apply; use a plain LoRA")
     if all(k.startswith((KOHYA_PREFIX, BUNDLE_EMB_PREFIX)) for k in state):
         embeddings, special_params = bundled_embeddings(state)
-        return LoraFile(kohya_to_peft(state, layout), embeddings, special_params, skipped)
+        return LoraFile(kohya_to_peft(state, layout), embeddings, special_params, skipped, text_encoder_loras)
     if all(_COG_PROCESSOR_RE.match(k.removeprefix(DIFFUSERS_UNET_PREFIX)) for k in state):
         return LoraFile(cog_sdxl_lora_to_peft({k.removeprefix(DIFFUSERS_UNET_PREFIX): v for k, v in state.items()}),
-                        {}, {}, skipped)
+                        {}, {}, skipped, text_encoder_loras)
     if all(k.startswith(DIFFUSERS_UNET_PREFIX) for k in state):
-        return LoraFile(diffusers_file_to_peft(_new_diffusers_names(state), metadata), {}, {}, skipped)
+        return LoraFile(diffusers_file_to_peft(_new_diffusers_names(state), metadata), {}, {}, skipped,
+                        text_encoder_loras)
     unknown = sorted(k for k in state if not k.startswith((KOHYA_PREFIX, BUNDLE_EMB_PREFIX, DIFFUSERS_UNET_PREFIX)))
     raise LoraFormatError(f"key {(unknown or sorted(state))[0]!r} is neither kohya (lora_unet_…), diffusers (unet.…) "
                           "nor cog-sdxl (….processor.…) LoRA layout, or the file mixes them")

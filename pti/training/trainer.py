@@ -3,7 +3,9 @@
 ``train_model(TrainingSettings(...))`` validates every setting (before any model loads), trains, and writes the
 artifact folder through :mod:`export`. The embeddings train for the first ``ti_frac`` of optimizer steps (the
 pivot); after it only the UNet trains, the text encoders' outputs for every caption are computed once and the
-encoders leave the device.
+encoders leave the device. With ``train_text_encoder`` both encoders also carry LoRA adapters
+(:mod:`text_encoder_lora`) that train for the first ``text_encoder_frac`` of the steps; the outputs are cached only
+once neither the embeddings nor these adapters train.
 
 Multi-GPU: run the same code under ``accelerate launch``; every process takes its own slice of each global batch
 (``train_batch_size`` x processes samples), the UNet is wrapped in DDP, embedding gradients are averaged across
@@ -61,6 +63,7 @@ from pti.training.optim import SCHEDULERS, ParamGroup, ProdigySettings, build_op
 from pti.training.process_sync import PeerFailed, SharedStep
 from pti.training.step_hooks import StepHooks
 from pti.training.text_cache import DEFAULT_TEXT_CACHE_BYTES, TextCache
+from pti.training.text_encoder_lora import TextEncoderLora, TextEncoderLoraSettings
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ DEFAULT_PRODIGY_D_COEF = 1.0
 DEFAULT_PYRAMID_DISCOUNT = 0.3  # kohya's multires_noise_discount recommendation
 MAX_PYRAMID_ITERATIONS = 10  # kohya's guides use 6-10; at 2**10 the coarsest level of any latent is one pixel
 MAX_D_COEF = 10.0  # Prodigy's README suggests 0.5 or 2 to halve or double its step size
+DEFAULT_TEXT_ENCODER_LR = 5e-5  # half the LoRA default, as kohya's SDXL guides set text_encoder_lr below unet_lr
+DEFAULT_TEXT_ENCODER_WEIGHT_DECAY = 1e-3  # diffusers' advanced SDXL script (adam_weight_decay_text_encoder)
 
 
 class SettingsError(ValueError):
@@ -116,6 +121,12 @@ class TrainingSettings:
     lora_target_modules: tuple[str, ...] = DEFAULT_LORA_TARGETS
     use_dora: bool = False
     scale_weight_norms: float | None = None  # kohya's max-norm regularisation of each LoRA module (None: off)
+    # text-encoder LoRA (diffusers' --train_text_encoder; kohya trains it unless network_train_unet_only)
+    train_text_encoder: bool = False
+    text_encoder_lr: float = DEFAULT_TEXT_ENCODER_LR
+    text_encoder_weight_decay: float = DEFAULT_TEXT_ENCODER_WEIGHT_DECAY
+    text_encoder_lora_rank: int | None = None  # None: = lora_rank (alpha is lora_alpha, one number as in kohya)
+    text_encoder_frac: float = 1.0  # fraction of optimizer steps it trains (kohya's stop_text_encoder_training)
     gradient_checkpointing: bool | None = None  # None: switched on when a step would not fit in free memory
     compile_unet: bool = False  # torch.compile the UNet's training forward (minutes of compilation: long GPU runs)
     # optimizer and schedule
@@ -228,10 +239,42 @@ class TrainingSettings:
                                     "weight's norm); turn off use_dora or scale_weight_norms")
         if not self.is_lora and self.lora_dropout > 0:
             raise SettingsError("lora_dropout applies to LoRA layers; it needs is_lora=true")
+        self._validate_text_encoder()
+
+    def _validate_text_encoder(self) -> None:
+        """The text-encoder LoRA's settings: in range, and changed only where train_text_encoder uses them."""
+        if self.text_encoder_lr < 0:
+            raise SettingsError(f"text_encoder_lr must not be negative, got {self.text_encoder_lr}")
+        if not 0.0 <= self.text_encoder_weight_decay <= 1.0:
+            raise SettingsError(f"text_encoder_weight_decay must be between 0 and 1, got "
+                                f"{self.text_encoder_weight_decay}")
+        if self.text_encoder_lora_rank is not None and self.text_encoder_lora_rank < 1:
+            raise SettingsError(f"text_encoder_lora_rank must be at least 1 (or unset: lora_rank), got "
+                                f"{self.text_encoder_lora_rank}")
+        if not 0.0 < self.text_encoder_frac <= 1.0:
+            raise SettingsError(f"text_encoder_frac must be above 0 and at most 1 (the fraction of steps the "
+                                f"text-encoder LoRA trains), got {self.text_encoder_frac}")
+        if self.train_text_encoder:
+            if not self.is_lora:
+                raise SettingsError("train_text_encoder trains LoRA adapters on the text encoders; it needs "
+                                    "is_lora=true")
+            return
+        changed = {"text_encoder_lr": self.text_encoder_lr != DEFAULT_TEXT_ENCODER_LR,
+                   "text_encoder_weight_decay": self.text_encoder_weight_decay != DEFAULT_TEXT_ENCODER_WEIGHT_DECAY,
+                   "text_encoder_lora_rank": self.text_encoder_lora_rank is not None,
+                   "text_encoder_frac": self.text_encoder_frac != 1.0}
+        for name, is_changed in changed.items():
+            if is_changed:
+                raise SettingsError(f"{name} applies to the text-encoder LoRA; set train_text_encoder=true or "
+                                    f"leave {name} at its default")
 
     @property
     def alpha(self) -> float:
         return float(self.lora_alpha if self.lora_alpha is not None else self.lora_rank)
+
+    @property
+    def text_encoder_rank(self) -> int:
+        return self.text_encoder_lora_rank if self.text_encoder_lora_rank is not None else self.lora_rank
 
     def as_config(self) -> dict:
         return {k: str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v
@@ -250,6 +293,7 @@ class TrainingPlan:
     resume_checkpoint: Path | None  # the checkpoint resume_from resolves to
     samples_per_epoch: int  # images x their repeats (folder repeats times the repeats setting)
     steps_per_epoch: int  # optimizer steps of one epoch
+    text_encoder_stop_step: int = 0  # the text-encoder LoRA trains for steps [0, text_encoder_stop_step); 0: none
 
     def concepts(self, repeats: int) -> dict[str, dict[str, int]]:
         """Per concept folder word ("" for images outside concept folders): images and samples per epoch."""
@@ -290,8 +334,9 @@ def plan_training(settings: TrainingSettings, num_processes: int = 1) -> Trainin
             resume = find_resume_checkpoint(Path(settings.resume_from))
         except CheckpointError as err:
             raise SettingsError(str(err)) from None
+    text_encoder_stop = max(1, int(settings.text_encoder_frac * total)) if settings.train_text_encoder else 0
     return TrainingPlan(triggers, items, class_items, total, int(settings.ti_frac * total), resume,
-                        samples_per_epoch, steps_per_epoch)
+                        samples_per_epoch, steps_per_epoch, text_encoder_stop)
 
 
 def _class_items(settings: TrainingSettings) -> list[DatasetItem]:
@@ -353,6 +398,7 @@ class Trainer:
         self.sample_images: list[Path] = []
         self.step_samples: dict[int, list[Path]] = {}  # intermediate step → its validation samples (main process)
         self.text_cache: TextCache | None = None
+        self.text_encoder_lora: TextEncoderLora | None = None  # train_text_encoder's adapters
         self.run_id = uuid.uuid4().hex[:12]  # names this run's markers in shared folders (Trainer.create: the main's)
         self.output_dir = Path(settings.output_dir)
         self.step_hooks: StepHooks = StepHooks()  # phase timing for benchmarks; no-op by default
@@ -423,6 +469,9 @@ class Trainer:
         self.noise_scheduler = _training_noise_scheduler(pipe.scheduler)
         _check_min_snr(s.min_snr_gamma, self.noise_scheduler.config.prediction_type)
         self._prepare_unet()
+        if s.train_text_encoder:  # after the UNet's adapter: its initial draws stay those of a run without
+            self.text_encoder_lora = TextEncoderLora.attach(self.text_encoders, TextEncoderLoraSettings(
+                s.text_encoder_rank, s.alpha, self.plan.text_encoder_stop_step))
         self._build_optimizer()
 
     def _resize_to(self) -> int | None:
@@ -497,6 +546,9 @@ class Trainer:
             groups.append(ParamGroup("lora", unet_params, s.lora_lr, s.lora_weight_decay))
         else:
             groups.append(ParamGroup("unet", unet_params, s.unet_learning_rate, s.unet_weight_decay))
+        if self.text_encoder_lora is not None:
+            groups.append(ParamGroup("text_encoder", self.text_encoder_lora.parameters(), s.text_encoder_lr,
+                                     s.text_encoder_weight_decay))
         self.optimizer = build_optimizer(groups, s.optimizer, self.runtime.device,
                                          ProdigySettings(d_coef=s.prodigy_d_coef))
         self.lr_scheduler = build_scheduler(s.lr_scheduler, self.optimizer, warmup_steps=s.lr_warmup_steps,
@@ -549,6 +601,16 @@ class Trainer:
     def training_embeddings(self) -> bool:
         return self.step < self.plan.pivot_step
 
+    @property
+    def training_text_encoder(self) -> bool:
+        """Whether the text-encoder LoRA trains in the current step."""
+        return self.text_encoder_lora is not None and self.text_encoder_lora.trains_at(self.step)
+
+    @property
+    def training_text(self) -> bool:
+        """Whether anything before the UNet trains (the text encoders' outputs change from step to step)."""
+        return self.training_embeddings or self.training_text_encoder
+
     def run(self) -> None:
         from tqdm.auto import tqdm
 
@@ -560,7 +622,8 @@ class Trainer:
         progress = tqdm(total=self.plan.total_steps, initial=self.step, desc="training",
                         disable=not (s.show_progress and main))
         while self.step < self.plan.total_steps:
-            if not self.training_embeddings and self.text_cache is None:
+            self._freeze_what_stopped()
+            if not self.training_text and self.text_cache is None:
                 self._pass_pivot()
             trains_embeddings = self.training_embeddings
             loss = self._optimizer_step()
@@ -612,11 +675,13 @@ class Trainer:
         with hooks.phase("optimizer"):
             if self.accelerator.num_processes > 1:
                 total = self.accelerator.reduce(torch.tensor(total, device=self.runtime.device), "mean").item()
-                if self.training_embeddings:
-                    for rows in self.embeddings.rows:
-                        if rows.grad is None:  # no new token in this process's captions (caption dropout)
-                            rows.grad = torch.zeros_like(rows)
-                        rows.grad = self.accelerator.reduce(rows.grad, reduction="mean")
+                # The text encoders are not DDP-wrapped: what trains in them is averaged here.
+                text_params = [*(self.embeddings.rows if self.training_embeddings else []),
+                               *(self.text_encoder_lora.parameters() if self.training_text_encoder else [])]
+                for param in text_params:
+                    if param.grad is None:  # e.g. no new token in this process's captions (caption dropout)
+                        param.grad = torch.zeros_like(param)
+                    param.grad = self.accelerator.reduce(param.grad, reduction="mean")
             self.loss_scaler.unscale_(self.optimizer)  # clip (and check) the true gradients, not the scaled ones
             params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
             grad_norm = torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm or math.inf)
@@ -628,10 +693,25 @@ class Trainer:
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             if s.scale_weight_norms is not None:
-                self.norm_stats = apply_max_norm(self.unet, s.scale_weight_norms)
+                self.norm_stats = apply_max_norm(self._max_norm_modules(), s.scale_weight_norms)
             if self.training_embeddings:
                 self.embeddings.retract_embeddings()
         return total
+
+    def _max_norm_modules(self) -> torch.nn.Module:
+        """The models whose LoRA layers max-norm regularisation limits: the UNet, and the text encoders while their
+        LoRA trains (kohya limits every LoRA module of the network)."""
+        if not self.training_text_encoder:
+            return self.unet
+        return torch.nn.ModuleList([self.unet, *self.text_encoders])
+
+    def _freeze_what_stopped(self) -> None:
+        """The embeddings after the pivot, the text-encoder LoRA after its stop step: no gradient, so the
+        optimizer leaves them exactly as they are."""
+        if not self.training_embeddings and any(rows.requires_grad for rows in self.embeddings.rows):
+            self.embeddings.set_trainable(False)
+        if self.text_encoder_lora is not None and not self.training_text_encoder and self.text_encoder_lora.trainable:
+            self.text_encoder_lora.set_trainable(False)
 
     def _loss_scale_overflow(self, loss: float, grad_norm: float) -> bool:
         """An fp16 gradient overflow at the current loss scale: the scaler skips this step and halves the scale."""
@@ -643,6 +723,7 @@ class Trainer:
         s = self.settings
         rates = {"ti_lr": s.ti_lr} if self.training_embeddings else {}
         rates.update({"lora_lr": s.lora_lr} if s.is_lora else {"unet_learning_rate": s.unet_learning_rate})
+        rates.update({"text_encoder_lr": s.text_encoder_lr} if self.training_text_encoder else {})
         return rates
 
     def _memory_settings(self) -> str:
@@ -728,9 +809,10 @@ class Trainer:
         return losses
 
     def text_conditioning(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds, pooled): from the encoders while the embeddings train, from the cache after the pivot."""
+        """(prompt_embeds, pooled): from the encoders while the embeddings or the text-encoder LoRA train, from the
+        cache after that."""
         if self.text_cache is None or any(c not in self.text_cache for c in captions):
-            with torch.set_grad_enabled(self.training_embeddings and torch.is_grad_enabled()), self.runtime.autocast():
+            with torch.set_grad_enabled(self.training_text and torch.is_grad_enabled()), self.runtime.autocast():
                 embeds, pooled = encode_prompt(self.text_encoders, self.prompt_tokenizer(captions))
             if self.text_cache is not None:
                 self._remember(captions, embeds, pooled)
@@ -739,9 +821,9 @@ class Trainer:
         return torch.stack([e for e, _ in entries]), torch.stack([p for _, p in entries])
 
     def _pass_pivot(self) -> None:
-        """Freeze the embeddings, encode every caption the rest of the run can see once, and move the encoders off
-        the device (they stay only when caption shuffling makes the captions unpredictable)."""
-        self.embeddings.set_trainable(False)
+        """Once nothing in the text encoders trains (the embeddings after the pivot, a text-encoder LoRA after its
+        stop step): encode every caption the rest of the run can see once, and move the encoders off the device
+        (they stay only when caption shuffling makes the captions unpredictable)."""
         # Shuffled captions are unpredictable: they join as seen, within a byte budget. Otherwise the set is fixed
         # and every caption must stay, as the encoders leave the device.
         self.text_cache = TextCache(self.settings.text_cache_max_bytes if self.settings.caption_shuffle else None)
@@ -816,7 +898,12 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ checkpoints
 
     def _trainable_state(self) -> dict[str, torch.Tensor]:
-        return {name: p.detach() for name, p in self.unet.named_parameters() if p.requires_grad}
+        """The UNet parameters being trained and, with train_text_encoder, the text-encoder LoRA factors (under
+        ``text_encoder.``/``text_encoder_2.``, frozen or not)."""
+        state = {name: p.detach() for name, p in self.unet.named_parameters() if p.requires_grad}
+        if self.text_encoder_lora is not None:
+            state.update({name: p.detach() for name, p in self.text_encoder_lora.named_parameters().items()})
+        return state
 
     def _save_checkpoint(self) -> None:
         if self.accelerator.is_main_process:
@@ -847,10 +934,14 @@ class Trainer:
         unknown = sorted(set(checkpoint.trainable) ^ set(self._trainable_state()))
         if unknown:
             raise SettingsError(f"resume_from {folder} was trained with other UNet settings (e.g. {unknown[0]}); "
-                                "use the same is_lora/lora_rank/targets")
+                                "use the same is_lora/lora_rank/targets/train_text_encoder/text_encoder_lora_rank")
+        text_encoder_names = set(self.text_encoder_lora.named_parameters()) if self.text_encoder_lora else set()
         with torch.no_grad():
             for name, value in checkpoint.trainable.items():
-                params[name].copy_(value)
+                if name not in text_encoder_names:
+                    params[name].copy_(value)
+        if self.text_encoder_lora is not None:
+            self.text_encoder_lora.load_state({k: v for k, v in checkpoint.trainable.items() if k in text_encoder_names})
         self.embeddings.load_embeddings(checkpoint.embeddings)
         self.optimizer.load_state_dict(checkpoint.optimizer_state)
         self.lr_scheduler.load_state_dict(checkpoint.scheduler_state)
@@ -874,6 +965,7 @@ class Trainer:
             "num_images": len(self.dataset),
             "total_steps": self.plan.total_steps,
             "pivot_step": self.plan.pivot_step,
+            "text_encoder_stop_step": self.plan.text_encoder_stop_step if self.settings.train_text_encoder else None,
             "samples_per_epoch": self.plan.samples_per_epoch,
             "steps_per_epoch": self.plan.steps_per_epoch,
             "epochs": self.plan.total_steps / self.plan.steps_per_epoch,
@@ -930,6 +1022,7 @@ class Trainer:
             folder,
             unet_lora_state=get_peft_model_state_dict(self.unet) if s.is_lora else None,
             lora_alpha=s.alpha if s.is_lora else None,
+            text_encoder_loras=self.text_encoder_lora.loras() if self.text_encoder_lora is not None else None,
             embeddings=self.embeddings.embeddings(), special_params=special_params(self.plan.triggers),
             training_config=config, name=s.name, unet_layout=UNetLayout.from_unet_config(self.unet.config),
             full_checkpoint_state=None if s.is_lora else self._full_checkpoint_state(),
