@@ -35,6 +35,8 @@ from pti.training.trainer import (
     DEFAULT_LORA_TARGETS,
     DEFAULT_PRODIGY_D_COEF,
     DEFAULT_PYRAMID_DISCOUNT,
+    DEFAULT_TEXT_ENCODER_LR,
+    DEFAULT_TEXT_ENCODER_WEIGHT_DECAY,
     MAX_D_COEF,
     MAX_PYRAMID_ITERATIONS,
     SettingsError,
@@ -114,6 +116,20 @@ def train(
     scale_weight_norms: float = Input(description="Max-norm regularisation (kohya's scale_weight_norms; 1 is the "
                                       "usual choice): after every step, each LoRA module's weight change is scaled "
                                       "back to at most this norm (0: off)", default=0.0, ge=0.0, le=100.0),
+    train_text_encoder: bool = Input(description="Also train LoRA adapters on both text encoders (diffusers' "
+                                     "--train_text_encoder; kohya trains them by default), beside or, with "
+                                     "ti_frac=0, instead of the new-token embeddings; every LoRA file carries them",
+                                     default=False),
+    text_encoder_lr: float = Input(description="train_text_encoder: learning rate of the text-encoder LoRA",
+                                   default=DEFAULT_TEXT_ENCODER_LR, ge=0.0),
+    text_encoder_lora_rank: Optional[int] = Input(description="train_text_encoder: rank of the text-encoder LoRA "
+                                                  "(empty: lora_rank; its alpha is lora_alpha)", default=None, ge=1,
+                                                  le=1024),
+    text_encoder_frac: float = Input(description="train_text_encoder: fraction of the steps during which the "
+                                     "text-encoder LoRA trains (kohya's stop_text_encoder_training); afterwards it "
+                                     "stays as it is", default=1.0, ge=0.0, le=1.0),
+    text_encoder_weight_decay: float = Input(description="train_text_encoder: weight decay of the text-encoder LoRA",
+                                             default=DEFAULT_TEXT_ENCODER_WEIGHT_DECAY, ge=0.0, le=1.0),
     ti_weight_decay: float = Input(description="Weight decay of the new-token embeddings", default=0.0, ge=0.0,
                                    le=1.0),
     lora_weight_decay: float = Input(description="Weight decay of the LoRA weights (0.01-0.1 with prodigy)",
@@ -277,6 +293,11 @@ def _training_settings(args: dict, work: PlainPath) -> TrainingSettings:
         lora_dropout=args["lora_dropout"],
         scale_weight_norms=args["scale_weight_norms"] or None,
         ti_weight_decay=args["ti_weight_decay"],
+        train_text_encoder=args["train_text_encoder"],
+        text_encoder_lr=args["text_encoder_lr"],
+        text_encoder_lora_rank=args["text_encoder_lora_rank"],
+        text_encoder_frac=args["text_encoder_frac"],
+        text_encoder_weight_decay=args["text_encoder_weight_decay"],
         lora_weight_decay=args["lora_weight_decay"],
         prodigy_d_coef=args["prodigy_d_coef"],
         lora_target_modules=tuple(m.strip() for m in args["lora_target_modules"].split(",") if m.strip()),

@@ -4,8 +4,8 @@
   (``lora.safetensors`` with attention-processor keys, ``embeddings.pti``), or a bare kohya/diffusers LoRA file
   (embeddings and trigger words from its ``bundle_emb`` keys, if any), into one :class:`TrainedWeights`;
   :func:`read_embedding_weights` reads a bare SDXL embedding file (``clip_l``/``clip_g``, one trigger word).
-* :class:`LiveWeights` keeps a bounded set of PEFT adapters loaded in the UNet by name and swaps the new-token
-  embeddings with them. The adapters a request names are active together, each at its own scale (PEFT adapter
+* :class:`LiveWeights` keeps a bounded set of PEFT adapters loaded in the UNet (and, for weights with a
+  text-encoder LoRA, in the text encoders under the same name) and swaps the new-token embeddings with them. The adapters a request names are active together, each at its own scale (PEFT adapter
   weights), each set's new tokens under its own names; without weights the pipeline is the clean base
   (adapters disabled, tokenizers without the new tokens), so it produces exactly what a fresh process does. A
   load that fails or is cancelled half-way is rolled back to the base.
@@ -33,10 +33,11 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from torch import Tensor
 
-from pti.formats import lora_formats, sgm_checkpoint, steps
+from pti.formats import lora_formats, sgm_checkpoint, steps, text_encoder_lora
 from pti.formats.lora_formats import SDXL_UNET_LAYOUT, LoraFormatError, PeftLora, UNetLayout
 from pti.models import single_file
 from pti.models.base_model import model_spec
+from pti.inference.text_encoder_adapters import TextEncoderAdapters
 from pti.inference.weights_cache import (
     BARE_LORA,
     COG_SDXL_EMBEDDINGS,
@@ -64,13 +65,15 @@ TRAINING_CONFIG = "training_config.json"
 
 @dataclass
 class TrainedWeights:
-    """One trained model in memory: a UNet LoRA (PEFT layout) or full UNet weights, the new-token embeddings
+    """One trained model in memory: a UNet LoRA (PEFT layout) or full UNet weights, LoRAs of the text encoders (by
+    component name, canonical module names: :mod:`text_encoder_lora`), the new-token embeddings
     (``clip_l``/``clip_g``, rows in ``<s0>…<sN>`` order) and the trigger words."""
 
     lora: PeftLora | None
     unet_full: dict[str, Tensor] | None
     embeddings: dict[str, Tensor]
     special_params: dict[str, str]
+    text_encoder_loras: dict[str, PeftLora] = field(default_factory=dict)
 
     @property
     def tokens(self) -> list[str]:
@@ -108,14 +111,14 @@ def read_trained_weights(folder: Path, label: str | None = None,
     if (folder / BARE_LORA).is_file():
         return _read_bare_lora(folder / BARE_LORA, label, layout)
     try:
-        lora, unet_full = _read_unet_weights(folder, label)
+        lora, unet_full, text_encoder_loras = _read_unet_weights(folder, label)
         embeddings = _read_embeddings(folder, label)
     except LoraFormatError as error:
         raise WeightsError(f"{label}: {error}") from None
     widths = {name: t.shape[0] for name, t in embeddings.items()}
     if len(set(widths.values())) > 1:
         raise WeightsError(f"{label}: embeddings have different token counts {widths}")
-    return TrainedWeights(lora, unet_full, embeddings, read_special_params(folder, label))
+    return TrainedWeights(lora, unet_full, embeddings, read_special_params(folder, label), text_encoder_loras)
 
 
 def _read_bare_lora(path: Path, label: str, layout: UNetLayout) -> TrainedWeights:
@@ -125,9 +128,9 @@ def _read_bare_lora(path: Path, label: str, layout: UNetLayout) -> TrainedWeight
     except LoraFormatError as error:
         raise WeightsError(f"{label}: {error}") from None
     if read.skipped_text_encoder_keys:
-        logger.warning("%s: %d text-encoder LoRA keys skipped (only the UNet part applies)", label,
-                       read.skipped_text_encoder_keys)
-    return TrainedWeights(read.lora, None, read.embeddings, read.special_params)
+        logger.warning("%s: %d text-encoder LoRA keys skipped (not SDXL's lora_te1_/lora_te2_ or text_encoder(_2) "
+                       "layout)", label, read.skipped_text_encoder_keys)
+    return TrainedWeights(read.lora, None, read.embeddings, read.special_params, read.text_encoder_loras)
 
 
 def read_embedding_weights(folder: Path, label: str, trigger: str) -> TrainedWeights:
@@ -145,17 +148,20 @@ def read_embedding_weights(folder: Path, label: str, trigger: str) -> TrainedWei
     return TrainedWeights(None, None, embeddings, {trigger: "".join(f"<s{i}>" for i in range(rows))})
 
 
-def _read_unet_weights(folder: Path, label: str) -> tuple[PeftLora | None, dict[str, Tensor] | None]:
+def _read_unet_weights(folder: Path, label: str) -> tuple[PeftLora | None, dict[str, Tensor] | None,
+                                                         dict[str, PeftLora]]:
+    """(UNet LoRA, full UNet weights, text-encoder LoRAs) of a trained-weights folder."""
     if (folder / OUR_LORA).is_file():
         tensors, metadata = _read_safetensors(folder / OUR_LORA, label)
-        return lora_formats.diffusers_file_to_peft(tensors, metadata), None
+        return (lora_formats.diffusers_file_to_peft(tensors, metadata), None,
+                text_encoder_lora.from_diffusers(tensors, metadata))
     if (folder / COG_SDXL_LORA).is_file():
         tensors, _ = _read_safetensors(folder / COG_SDXL_LORA, label)
-        return lora_formats.cog_sdxl_lora_to_peft(tensors), None
+        return lora_formats.cog_sdxl_lora_to_peft(tensors), None, {}
     if (folder / FULL_CHECKPOINT).is_file():
-        return None, _read_checkpoint_unet(folder / FULL_CHECKPOINT, label)
+        return None, _read_checkpoint_unet(folder / FULL_CHECKPOINT, label), {}
     if (folder / FULL_UNET).is_file():
-        return None, _read_safetensors(folder / FULL_UNET, label)[0]
+        return None, _read_safetensors(folder / FULL_UNET, label)[0], {}
     raise WeightsError(f"{label}: folder holds none of {', '.join(UNET_WEIGHT_FILES)}")
 
 
@@ -350,11 +356,13 @@ class TokenTables:
 
 @dataclass
 class _Loaded:
-    """A trained model whose adapter sits in the UNet (or, for full UNet weights, whose tensors are in memory; for
-    an embedding file alone, only its embeddings)."""
+    """A trained model whose adapter sits in the UNet and/or the text encoders (or, for full UNet weights, whose
+    tensors are in memory; for an embedding file alone, only its embeddings)."""
 
     adapter: str | None
     weights: TrainedWeights = field(repr=False)
+    in_unet: bool = True  # the adapter is in the UNet (a text-encoder-only LoRA file's is not)
+    in_text_encoders: bool = False  # the adapter is in one or both text encoders too
 
 
 class FullUnetPatch:
@@ -425,6 +433,8 @@ class LiveWeights:
     def __init__(self, pipelines: Sequence, max_loaded: int):
         self.pipelines = list(pipelines)
         self.unet = self.pipelines[0].unet
+        self.text_encoders = TextEncoderAdapters({name: getattr(self.pipelines[0], name)
+                                                  for name in text_encoder_lora.TEXT_ENCODERS})
         self.tokens = TokenTables(self.pipelines)
         self.full_unet = FullUnetPatch(self.unet)
         self.max_loaded = max(1, max_loaded)
@@ -465,6 +475,8 @@ class LiveWeights:
         if self._adapter_names():
             self.unet.disable_lora()
         self._lora_enabled = False
+        self.text_encoders.delete(sorted(self.text_encoders.adapter_names() - registered))
+        self.text_encoders.disable()
         self.full_unet.restore()
         self.tokens.deactivate()
         self.active = None
@@ -477,6 +489,7 @@ class LiveWeights:
         if self._lora_enabled:
             self.unet.disable_lora()
             self._lora_enabled = False
+        self.text_encoders.disable()
 
     def _enable_lora(self, adapters: list[str], scales: list[float]) -> None:
         # Each of these walks every UNet module, so only what changes is done.
@@ -499,11 +512,14 @@ class LiveWeights:
         if len(full) > 1:
             raise WeightsError(f"{full[1][0].label}: full UNet weights, and {full[0][0].label} are full UNet weights "
                                f"too; one set of full weights at a time (add LoRAs beside it)")
-        lora = [(entry.adapter, item.scale) for item, entry in zip(items, entries) if entry.adapter is not None]
+        lora = [(entry.adapter, item.scale) for item, entry in zip(items, entries)
+                if entry.adapter is not None and entry.in_unet]
         if lora:
             self._enable_lora([adapter for adapter, _ in lora], [scale for _, scale in lora])
         else:
             self._disable_lora()
+        text = [(entry.adapter, item.scale) for item, entry in zip(items, entries) if entry.in_text_encoders]
+        self.text_encoders.activate([adapter for adapter, _ in text], [scale for _, scale in text])
         if full:
             self.full_unet.apply(full[0][1].weights.unet_full)
         self.tokens.activate([(token_names(item.token_prefix, len(entry.weights.tokens)), entry.weights.embeddings)
@@ -518,15 +534,20 @@ class LiveWeights:
             for other in [k for k, e in self.loaded.items() if e.weights.unet_full is not None and k not in keep]:
                 del self.loaded[other]  # a whole UNet is large: keep one such set of weights in memory
             entry = _Loaded(None, weights)
-        elif weights.lora is None:  # an embedding file alone: new tokens, nothing in the UNet
+        elif weights.lora is None and not weights.text_encoder_loras:  # an embedding file alone: new tokens only
             self._evict_to(self.max_loaded - 1, keep)
             entry = _Loaded(None, weights)
         else:
-            self._check_lora(weights.lora, label)
+            if weights.lora is not None:
+                self._check_lora(weights.lora, label)
+            self.text_encoders.check(weights.text_encoder_loras, label)
             self._evict_to(self.max_loaded - 1, keep)
             adapter = f"w{key}"
-            self._load_adapter(adapter, weights.lora, label)
-            entry = _Loaded(adapter, TrainedWeights(None, None, weights.embeddings, weights.special_params))
+            if weights.lora is not None:
+                self._load_adapter(adapter, weights.lora, label)
+            self.text_encoders.load(adapter, weights.text_encoder_loras)
+            entry = _Loaded(adapter, TrainedWeights(None, None, weights.embeddings, weights.special_params),
+                            in_unet=weights.lora is not None, in_text_encoders=bool(weights.text_encoder_loras))
         self.loaded[key] = entry
         return entry
 
@@ -535,8 +556,10 @@ class LiveWeights:
             if len(self.loaded) <= count:
                 return
             entry = self.loaded.pop(key)
-            if entry.adapter is not None:
+            if entry.adapter is not None and entry.in_unet:
                 self.unet.delete_adapters(entry.adapter)
+            if entry.in_text_encoders:
+                self.text_encoders.delete([entry.adapter])
 
     def _check_lora(self, lora: PeftLora, label: str) -> None:
         modules = dict(self.unet.named_modules())

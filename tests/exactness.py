@@ -52,17 +52,17 @@ def _base_weights(module: torch.nn.Module, prefix: str) -> dict[str, str]:
             for key, value in module.state_dict().items() if "lora_" not in key}
 
 
-def _active_lora(unet: torch.nn.Module) -> dict[str, str]:
+def _active_lora(model: torch.nn.Module, prefix: str = "unet") -> dict[str, str]:
     """What the enabled LoRA layers add: per module, each active adapter's scale, DoRA flag and tensors. Adapter
     names are left out (they are cache keys); a disabled or inactive layer adds nothing, like an unwrapped one."""
     from peft.tuners.lora.layer import LoraLayer
 
     out = {}
-    for name, module in unet.named_modules():
+    for name, module in model.named_modules():
         if not isinstance(module, LoraLayer) or module.disable_adapters:
             continue
         for index, adapter in enumerate(a for a in module.active_adapters if a in module.lora_A):
-            key = f"unet.{name}.active{index}"
+            key = f"{prefix}.{name}.active{index}"
             out[key + ".scaling"] = repr(float(module.scaling[adapter]))
             out[key + ".dora"] = repr(bool(module.use_dora.get(adapter, False)))
             out[key + ".A"] = digest(module.lora_A[adapter].weight)
@@ -85,12 +85,13 @@ def _text_side(pipe) -> dict[str, str]:
         out[encoder_name + ".reachable_embeddings"] = digest(table[:reachable])
         out.update({k: v for k, v in _base_weights(encoder, encoder_name).items()
                     if not k.endswith("token_embedding.weight")})
+        out.update(_active_lora(encoder, encoder_name))
     return out
 
 
 def effective_state(pipe) -> dict[str, str]:
     """Digests of everything a render of ``pipe`` depends on besides the inputs: UNet and VAE weights, the active
-    LoRA, the text encoders behind the reachable token ids, and the tokenizers. Equal digests mean the same model."""
+    LoRA (UNet and text encoders), the text encoders behind the reachable token ids, and the tokenizers. Equal digests mean the same model."""
     return {**_base_weights(pipe.unet, "unet"), **_active_lora(pipe.unet), **_base_weights(pipe.vae, "vae"),
             **_text_side(pipe)}
 
