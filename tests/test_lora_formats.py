@@ -216,20 +216,25 @@ def test_read_lora_file_reads_every_bare_layout_to_the_same_lora():
         assert (read.embeddings, read.special_params, read.skipped_text_encoder_keys) == ({}, {}, 0), name
 
 
-def test_read_lora_file_skips_text_encoder_layers_and_counts_them():
+def test_read_lora_file_reads_sdxl_text_encoder_layers_beside_the_unet_and_bundle():
+    """SDXL text-encoder layers are read (tests/test_text_encoder_lora_formats.py has every mapping); SD 1.x's
+    lora_te_ keys are left out and counted."""
     lora = lf.peft_lora(random_peft_state(SOME_SDXL_MODULES[:2]), 8.0)
-    text_encoder = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(4, 8),
-                    "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight": torch.zeros(8, 4),
-                    "lora_te2_text_model_encoder_layers_0_mlp_fc1.alpha": torch.tensor(4.0)}
+    fc1 = "lora_te1_text_model_encoder_layers_0_mlp_fc1"
+    text_encoder = {f"{fc1}.lora_down.weight": torch.zeros(4, 8), f"{fc1}.lora_up.weight": torch.zeros(8, 4),
+                    f"{fc1}.alpha": torch.tensor(4.0), "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": torch.ones(())}
     bundle = lf.split_embeddings_by_trigger({"clip_l": torch.ones(2, 768), "clip_g": torch.ones(2, 1280)},
                                             {"TOK": "<s0><s1>"})
     read = lf.read_lora_file({**lf.peft_to_kohya(lora), **bundle, **text_encoder}, None)
-    assert same_lora(read.lora, lora) and read.skipped_text_encoder_keys == 3
+    assert same_lora(read.lora, lora) and read.skipped_text_encoder_keys == 1
+    assert read.text_encoder_loras["text_encoder"].modules == ["text_model.encoder.layers.0.mlp.fc1"]
     assert read.special_params == {"TOK": "<s0><s1>"}
     tensors, metadata = lf.peft_to_diffusers_file(lora)
-    peft_text_encoder = {"text_encoder.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(4, 8)}
+    peft_text_encoder = {"text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_A.weight": torch.zeros(4, 8),
+                         "text_encoder_2.text_model.encoder.layers.0.mlp.fc1.lora_B.weight": torch.zeros(8, 4)}
     read = lf.read_lora_file({**tensors, **peft_text_encoder}, metadata)
-    assert same_lora(read.lora, lora) and read.skipped_text_encoder_keys == 1
+    assert same_lora(read.lora, lora) and read.skipped_text_encoder_keys == 0
+    assert list(read.text_encoder_loras) == ["text_encoder_2"]
 
 
 def test_read_lora_file_refuses_what_it_cannot_apply_in_one_line():
@@ -237,7 +242,7 @@ def test_read_lora_file_refuses_what_it_cannot_apply_in_one_line():
     kohya = lf.peft_to_kohya(lora)
     tensors, _ = lf.peft_to_diffusers_file(lora)
     layer = next(k for k in kohya if k.endswith(".alpha")).removesuffix(".alpha")
-    text_encoder_only = {"lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 1)}
+    text_encoder_only = {"lora_te_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(1, 1)}
     for bad, message in (({**kohya, layer + ".dora_scale": torch.ones(1, 8)}, "dora_scale"),
                          ({**kohya, **tensors}, "mixes them"), ({}, "no tensors"),
                          (text_encoder_only, "all 1 keys adapt a text encoder"),
