@@ -9,6 +9,8 @@ compute exactly what the base ones do.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from pti.formats import text_encoder_lora as formats
@@ -56,7 +58,10 @@ class TextEncoderAdapters:
         config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(live.values()),
                             rank_pattern={live[m]: r for m, r in ranks.items() if r != rank},
                             alpha_pattern={live[m]: a for m, a in alphas.items() if a != alpha})
-        inject_adapter_in_model(config, encoder, adapter_name=adapter)
+        with warnings.catch_warnings():
+            # Several adapters in one encoder is the point here, not a mistake.
+            warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
+            inject_adapter_in_model(config, encoder, adapter_name=adapter)
         with torch.no_grad():
             for module, name in live.items():
                 layer = encoder.get_submodule(name)
