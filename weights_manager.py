@@ -540,16 +540,23 @@ class LiveWeights:
         else:
             if weights.lora is not None:
                 self._check_lora(weights.lora, label)
-            self.text_encoders.check(weights.text_encoder_loras, label)
+            text_encoder_loras = self._live_text_encoder_loras(weights.text_encoder_loras)
+            self.text_encoders.check(text_encoder_loras, label)
             self._evict_to(self.max_loaded - 1, keep)
             adapter = f"w{key}"
             if weights.lora is not None:
                 self._load_adapter(adapter, weights.lora, label)
-            self.text_encoders.load(adapter, weights.text_encoder_loras)
+            self.text_encoders.load(adapter, text_encoder_loras)
             entry = _Loaded(adapter, TrainedWeights(None, None, weights.embeddings, weights.special_params),
                             in_unet=weights.lora is not None, in_text_encoders=bool(weights.text_encoder_loras))
         self.loaded[key] = entry
         return entry
+
+    def _live_text_encoder_loras(self, loras: dict[str, PeftLora]) -> dict[str, PeftLora]:
+        """Text-encoder LoRAs (canonical module names) named as this pipeline's encoders name their modules."""
+        return {component: text_encoder_lora.live_lora(lora, hasattr(self.text_encoders.encoders[component],
+                                                                     "text_model"))
+                for component, lora in loras.items()}
 
     def _evict_to(self, count: int, keep: set[str] = frozenset()) -> None:
         for key in [k for k in self.loaded if k not in keep]:

@@ -33,6 +33,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from pti.formats import text_encoder_lora
+# PeftLora, peft_modules and LoraFormatError are shared with text_encoder_lora (and stay importable from here).
+from pti.formats.peft_lora import _PEFT_A, _PEFT_B, _PEFT_MAGNITUDE, LoraFormatError, PeftLora, peft_modules
+
 KOHYA_PREFIX = "lora_unet_"
 KOHYA_TEXT_ENCODER_PREFIXES = ("lora_te1_", "lora_te2_")  # SDXL's two text encoders (pti.formats.text_encoder_lora)
 BUNDLE_EMB_PREFIX = "bundle_emb."
@@ -40,12 +44,7 @@ DIFFUSERS_UNET_PREFIX = "unet."
 DIFFUSERS_TEXT_ENCODER_PREFIXES = ("text_encoder.", "text_encoder_2.")
 LORA_ADAPTER_METADATA_KEY = "lora_adapter_metadata"  # diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY
 
-_PEFT_A, _PEFT_B, _PEFT_MAGNITUDE = ".lora_A.weight", ".lora_B.weight", ".lora_magnitude_vector"
 _KOHYA_DOWN, _KOHYA_UP, _KOHYA_ALPHA, _KOHYA_DORA = ".lora_down.weight", ".lora_up.weight", ".alpha", ".dora_scale"
-
-
-class LoraFormatError(ValueError):
-    """A state dict that is not in the layout a converter expects (one-line message naming the key)."""
 
 
 @dataclass(frozen=True)
@@ -277,42 +276,6 @@ def diffusers_module_from_kohya(layer: str, layout: UNetLayout = SDXL_UNET_LAYOU
 
 
 # ---------------------------------------------------------------- PEFT <-> kohya
-
-
-@dataclass(frozen=True)
-class PeftLora:
-    """A UNet LoRA in PEFT layout with its scale: ``alphas[module] / rank(module)`` multiplies ``B @ A``."""
-
-    state: dict[str, Tensor]
-    alphas: dict[str, float]
-
-    @property
-    def modules(self) -> list[str]:
-        return sorted(self.alphas)
-
-    @property
-    def ranks(self) -> dict[str, int]:
-        return {m: int(self.state[m + _PEFT_A].shape[0]) for m in self.alphas}
-
-    @property
-    def use_dora(self) -> bool:
-        return any(k.endswith(_PEFT_MAGNITUDE) for k in self.state)
-
-
-def peft_modules(state: dict[str, Tensor]) -> list[str]:
-    """The adapted module paths of a PEFT UNet LoRA state dict; refuses keys that are not LoRA/DoRA tensors."""
-    modules = set()
-    for key in state:
-        for suffix in (_PEFT_A, _PEFT_B, _PEFT_MAGNITUDE):
-            if key.endswith(suffix):
-                modules.add(key[: -len(suffix)])
-                break
-        else:
-            raise LoraFormatError(f"PEFT LoRA key {key!r} is not a lora_A/lora_B weight or a DoRA magnitude vector")
-    for module in modules:
-        if module + _PEFT_A not in state or module + _PEFT_B not in state:
-            raise LoraFormatError(f"PEFT LoRA module {module!r} lacks its lora_A or lora_B weight")
-    return sorted(modules)
 
 
 def peft_lora(state: dict[str, Tensor], lora_alpha: float) -> PeftLora:
@@ -576,8 +539,6 @@ def _new_diffusers_names(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 def _read_text_encoder_keys(tensors: dict[str, Tensor], metadata: dict[str, str] | None) -> dict[str, PeftLora]:
     """The SDXL text-encoder LoRAs of a bare file: kohya ``lora_te1_``/``lora_te2_`` or diffusers
     ``text_encoder.``/``text_encoder_2.`` keys (not both)."""
-    from pti.formats import text_encoder_lora
-
     kohya = {k: v for k, v in tensors.items() if text_encoder_lora.is_kohya_key(k)}
     diffusers = {k: v for k, v in tensors.items() if text_encoder_lora.is_diffusers_key(k)}
     if kohya and diffusers:
@@ -601,8 +562,6 @@ def read_lora_file(tensors: dict[str, Tensor], metadata: dict[str, str] | None,
     A ``dora_scale`` (LyCORIS DoRA, normalised per input column, which PEFT cannot apply) is refused, as is
     anything else that cannot be applied exactly: one-line :class:`LoraFormatError`s naming a key.
     """
-    from pti.formats import text_encoder_lora
-
     if not tensors:
         raise LoraFormatError("the file holds no tensors")
     text_encoder_loras = _read_text_encoder_keys(tensors, metadata)

@@ -27,7 +27,7 @@ import re
 import torch
 from torch import Tensor
 
-from pti.formats.lora_formats import LoraFormatError, PeftLora, peft_modules
+from pti.formats.peft_lora import LoraFormatError, PeftLora, peft_modules
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")  # diffusers component names, first and second SDXL encoder
 KOHYA_PREFIXES = {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}
@@ -59,6 +59,16 @@ def canonical_module(name: str) -> str:
 def live_module(canonical: str, has_text_model: bool) -> str:
     """The inverse of :func:`canonical_module` for an encoder that has (or, flattened, lacks) ``text_model``."""
     return canonical if has_text_model else canonical.removeprefix(TEXT_MODEL)
+
+
+def live_lora(lora: PeftLora, has_text_model: bool) -> PeftLora:
+    """A LoRA in canonical names renamed to a live encoder's module paths (see :func:`live_module`)."""
+    state = {}
+    for module in lora.modules:
+        live = live_module(module, has_text_model)
+        state[live + _PEFT_A] = lora.state[module + _PEFT_A]
+        state[live + _PEFT_B] = lora.state[module + _PEFT_B]
+    return PeftLora(state, {live_module(m, has_text_model): a for m, a in lora.alphas.items()})
 
 
 def pattern_module(canonical: str) -> str:

@@ -1,8 +1,9 @@
 """Text-encoder LoRA adapters on a live SDXL pipeline: loaded by name next to the UNet's, switched on together at
 the request's scales, switched off exactly.
 
-Each set of trained weights that carries text-encoder LoRAs (:mod:`pti.formats.text_encoder_lora`, canonical module
-names) gets a PEFT adapter of the same name in ``text_encoder`` and/or ``text_encoder_2``. An adapter scales as
+Each set of trained weights that carries text-encoder LoRAs (PEFT factors by the live encoder's module paths, see
+``pti.formats.text_encoder_lora.live_lora``) gets a PEFT adapter of the same name in ``text_encoder`` and/or
+``text_encoder_2``. An adapter scales as
 ``scale * alpha / rank``, like the UNet's; with no adapter active every LoRA layer is disabled, so the encoders
 compute exactly what the base ones do.
 """
@@ -11,11 +12,30 @@ from __future__ import annotations
 
 import warnings
 
-import torch
+from collections.abc import Mapping
+from typing import Protocol
 
-from pti.formats import text_encoder_lora as formats
-from pti.formats.lora_formats import PeftLora
+import torch
+from torch import Tensor
+
 from pti.inference.weights_cache import WeightsError
+
+
+class AdapterWeights(Protocol):
+    """One encoder's LoRA: ``<module>.lora_A.weight``/``.lora_B.weight`` by live module path, alpha per module
+    (what ``pti.formats.peft_lora.PeftLora`` holds)."""
+
+    state: dict[str, Tensor]
+    alphas: dict[str, float]
+
+    @property
+    def modules(self) -> list[str]: ...
+
+    @property
+    def ranks(self) -> dict[str, int]: ...
+
+
+EncoderLoras = Mapping[str, AdapterWeights]  # component name (text_encoder, text_encoder_2) -> its LoRA
 
 
 class TextEncoderAdapters:
@@ -24,15 +44,12 @@ class TextEncoderAdapters:
     def __init__(self, encoders: dict[str, torch.nn.Module]):
         self.encoders = encoders
 
-    def _live(self, component: str, canonical: str) -> str:
-        return formats.live_module(canonical, hasattr(self.encoders[component], "text_model"))
-
-    def check(self, loras: formats.TextEncoderLoras, label: str) -> None:
+    def check(self, loras: EncoderLoras, label: str) -> None:
         """Refuse a LoRA whose modules or shapes are not this base model's encoders'."""
         for component, lora in loras.items():
             modules = dict(self.encoders[component].named_modules())
             for module in lora.modules:
-                target = modules.get(self._live(component, module))
+                target = modules.get(module)
                 target = getattr(target, "base_layer", target)
                 if not isinstance(target, torch.nn.Linear):
                     raise WeightsError(f"{label}: {component} LoRA adapts {module!r}, which this base model's text "
@@ -43,28 +60,27 @@ class TextEncoderAdapters:
                                        f"{list(up.shape)} but the layer is {target.in_features}->"
                                        f"{target.out_features} (weights trained for another base model?)")
 
-    def load(self, adapter: str, loras: formats.TextEncoderLoras) -> None:
+    def load(self, adapter: str, loras: EncoderLoras) -> None:
         """Add ``adapter`` to each encoder ``loras`` names, with exactly its factors (no LoRA layer elsewhere)."""
         for component, lora in loras.items():
-            self._load_one(self.encoders[component], component, adapter, lora)
+            self._load_one(self.encoders[component], adapter, lora)
 
-    def _load_one(self, encoder: torch.nn.Module, component: str, adapter: str, lora: PeftLora) -> None:
+    def _load_one(self, encoder: torch.nn.Module, adapter: str, lora: AdapterWeights) -> None:
         from peft import LoraConfig, inject_adapter_in_model
 
-        live = {module: self._live(component, module) for module in lora.modules}
         ranks, alphas = lora.ranks, lora.alphas
         rank = max(set(ranks.values()), key=list(ranks.values()).count)
         alpha = max(set(alphas.values()), key=list(alphas.values()).count)
-        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=sorted(live.values()),
-                            rank_pattern={live[m]: r for m, r in ranks.items() if r != rank},
-                            alpha_pattern={live[m]: a for m, a in alphas.items() if a != alpha})
+        config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(lora.modules),
+                            rank_pattern={m: r for m, r in ranks.items() if r != rank},
+                            alpha_pattern={m: a for m, a in alphas.items() if a != alpha})
         with warnings.catch_warnings():
             # Several adapters in one encoder is the point here, not a mistake.
             warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
             inject_adapter_in_model(config, encoder, adapter_name=adapter)
         with torch.no_grad():
-            for module, name in live.items():
-                layer = encoder.get_submodule(name)
+            for module in lora.modules:
+                layer = encoder.get_submodule(module)
                 for factor, suffix in ((layer.lora_A[adapter].weight, ".lora_A.weight"),
                                        (layer.lora_B[adapter].weight, ".lora_B.weight")):
                     factor.copy_(lora.state[module + suffix].to(device=factor.device, dtype=factor.dtype))
