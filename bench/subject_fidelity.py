@@ -67,6 +67,10 @@ CONFIGS = (
            dict(class_prompt="a photo of a red circle on a grey background", num_class_images=10)),
     Config("pivotal_prodigy", "pivotal tuning, Prodigy optimizer (learning rates found automatically)",
            dict(optimizer="prodigy")),
+    Config("pivotal_text_encoder", "pivotal tuning + text-encoder LoRA (train_text_encoder, its defaults)",
+           dict(train_text_encoder=True)),
+    Config("text_encoder_lora", "text-encoder LoRA instead of pivotal tuning (ti_frac=0, train_text_encoder)",
+           dict(ti_frac=0.0, train_text_encoder=True)),
 )
 
 
