@@ -35,7 +35,7 @@ from torch import Tensor
 
 from pti.formats import text_encoder_lora
 # PeftLora, peft_modules and LoraFormatError are shared with text_encoder_lora (and stay importable from here).
-from pti.formats.peft_lora import _PEFT_A, _PEFT_B, _PEFT_MAGNITUDE, LoraFormatError, PeftLora, peft_modules
+from pti.formats.peft_lora import _PEFT_A, _PEFT_B, LoraFormatError, PeftLora, peft_modules
 
 KOHYA_PREFIX = "lora_unet_"
 KOHYA_TEXT_ENCODER_PREFIXES = ("lora_te1_", "lora_te2_")  # SDXL's two text encoders (pti.formats.text_encoder_lora)
