@@ -12,11 +12,13 @@ reads the images back:
 
     .venv/bin/python bench/subject_fidelity.py                    # every configuration, 300 steps
     .venv/bin/python bench/subject_fidelity.py --steps 200 --only pivotal lora_rare_word
+    .venv/bin/python bench/subject_fidelity.py --only pivotal --set lora_lr=3e-4 --set ti_lr=1e-3   # a variant
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -99,6 +101,17 @@ def predictor_generator(predictor, weights: str | None, sampling: Sampling):
     return generate
 
 
+def train_input(assignment: str) -> tuple[str, object]:
+    """``name=value`` → a train() input; the value is read as JSON (numbers, true/false) or else kept as text."""
+    name, sep, text = assignment.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"--set takes name=value, got {assignment!r}")
+    try:
+        return name, json.loads(text)
+    except json.JSONDecodeError:
+        return name, text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="training steps of every configuration")
@@ -106,6 +119,8 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=32, help="images per measure")
     parser.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared 2-core machine)")
+    parser.add_argument("--set", type=train_input, action="append", default=[], metavar="NAME=VALUE",
+                        help="a train() input for every configuration run (after the configuration's own)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -133,7 +148,7 @@ def main() -> None:
             continue
         started = time.perf_counter()
         tar = train.train(input_images=archive, seed=0, max_train_steps=args.steps,
-                          token_string=subject.trigger, **{**COMMON, **config.inputs}).weights
+                          token_string=subject.trigger, **{**COMMON, **config.inputs, **dict(args.set)}).weights
         seconds = time.perf_counter() - started
         rows.append((f"{config.name}: {config.what}", measure(str(tar)), seconds))
         print(f"{config.name}: trained in {seconds:.0f} s", flush=True)
@@ -143,7 +158,8 @@ def main() -> None:
           f"background {renders['background']:.3f}")
     print(f"subject: {subject.shape} in {subject.colour} on {', '.join(subject.train_backgrounds)}; {args.images} "
           f"images; {args.steps} steps, batch {COMMON['train_batch_size']}; {args.probes} images per measure; "
-          f"sampling {sampling.steps} Euler steps, guidance {sampling.guidance}, lora_scale {sampling.lora_scale}\n")
+          f"sampling {sampling.steps} Euler steps, guidance {sampling.guidance}, lora_scale {sampling.lora_scale}"
+          + "".join(f"; {name}={value}" for name, value in args.set) + "\n")
     print("| configuration | subject fidelity | prompt fidelity | prior (known shapes) | drift (points) | train s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, rates, seconds in rows:

@@ -91,7 +91,7 @@ def main() -> None:
         started = time.time()
         pipe, losses = pretrain(settings)
         build_seconds = round(time.time() - started, 1)
-        save_pipeline(pipe, args.out)
+        save_pipeline(pipe, args.out, half=True)
         print(f"pretrained in {build_seconds:.0f} s; final loss (mean of last 200 steps) "
               f"{sum(losses[-200:]) / len(losses[-200:]):.4f}")
     sampling = SamplingSettings(guidance=args.guidance)

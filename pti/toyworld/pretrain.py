@@ -27,7 +27,7 @@ TIME_IDS = (IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE)
 
 @dataclass(frozen=True)
 class VaeSettings:
-    steps: int = 1000
+    steps: int = 1500
     batch_size: int = 16
     learning_rate: float = 2e-3
     kl_weight: float = 1e-6
@@ -37,7 +37,7 @@ class VaeSettings:
 
 @dataclass(frozen=True)
 class DiffusionSettings:
-    steps: int = 1600
+    steps: int = 1400
     batch_size: int = 32
     learning_rate: float = 1e-3
     text_learning_rate: float = 3e-4
@@ -64,8 +64,8 @@ def default_stages() -> tuple[DiffusionStage, ...]:
     warmup and cosine decay), found by measuring the drawing accuracy after each."""
     return (
         DiffusionStage(DiffusionSettings(), seed=0),
-        DiffusionStage(DiffusionSettings(steps=1300, learning_rate=5e-4, text_learning_rate=2e-4), seed=1),
-        DiffusionStage(DiffusionSettings(steps=1500, learning_rate=3e-4, text_learning_rate=1e-4, warmup_steps=50),
+        DiffusionStage(DiffusionSettings(steps=1100, learning_rate=5e-4, text_learning_rate=2e-4), seed=1),
+        DiffusionStage(DiffusionSettings(steps=1200, learning_rate=3e-4, text_learning_rate=1e-4, warmup_steps=50),
                        seed=2),
     )
 
@@ -86,12 +86,12 @@ def mini_configs(vocab_size: int) -> dict:
         sample_size=IMAGE_SIZE // 8,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        attention_head_dim=(2, 4),
+        block_out_channels=(64, 128),
+        attention_head_dim=(4, 8),
         transformer_layers_per_block=(1, 1),
     )
     configs["vae"].update(
-        block_out_channels=(8, 16, 32, 64),
+        block_out_channels=(16, 32, 64, 64),
         norm_num_groups=1,
         sample_size=IMAGE_SIZE,
         mid_block_add_attention=False,
