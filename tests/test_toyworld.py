@@ -12,6 +12,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 from pti.toyworld.evaluator import EVALUATOR_PATH, accuracy_on_renders, load_evaluator  # noqa: E402
 from pti.toyworld.paths import MINI_WORLD_DIR  # noqa: E402
+from pti.toyworld.pretrain import load_pipeline  # noqa: E402
 from pti.toyworld.sample import generate, score  # noqa: E402
 from pti.toyworld.world import (BACKGROUND_NAMES, COLOUR_NAMES, HELD_OUT_SHAPES, KNOWN_SHAPES, SHAPES,  # noqa: E402
                                 VOCABULARY, Scene, caption, compatible, render, sample_scene, scenes)
@@ -24,11 +25,7 @@ def evaluator():
 
 @pytest.fixture(scope="module")
 def pipe():
-    from diffusers import StableDiffusionXLPipeline
-
-    pipe = StableDiffusionXLPipeline.from_pretrained(MINI_WORLD_DIR)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_pipeline()  # float32: the committed files are float16
 
 
 def test_renders_are_deterministic_and_seeds_differ():
@@ -88,8 +85,8 @@ def test_the_committed_tokenizers_are_what_the_build_writes(tmp_path):
 
 
 def test_mini_world_draws_what_the_caption_says(pipe, evaluator):
-    """Measured on the committed weights (torch 2.13 CPU, AMD EPYC): shape 8/16, colour 16/16, background 16/16 read
-    back as asked (chance: 2/16, 2/16, 3/16). Thresholds leave 2-3 images of margin for other CPUs' float noise."""
+    """Measured on the committed weights (torch 2.13 CPU, AMD EPYC): shape 14/16, colour 16/16, background 16/16 read
+    back as asked (chance: 2/16, 2/16, 3/16). Thresholds leave 3 images of margin for other CPUs' float noise."""
     expected = [Scene(shape=shape, colour=colour, background=background)
                 for shape, colour, background in (("square", "red", "grey"), ("circle", "yellow", "teal"),
                                                   ("triangle", "blue", "beige"), ("cross", "white", "brown"))] * 4
@@ -98,7 +95,7 @@ def test_mini_world_draws_what_the_caption_says(pipe, evaluator):
     assert all(image.size == (64, 64) for image in images)
     assert result.accuracy["background"] >= 13 / 16, result
     assert result.accuracy["colour"] >= 13 / 16, result
-    assert result.accuracy["shape"] >= 6 / 16, result
+    assert result.accuracy["shape"] >= 11 / 16, result
 
 
 def test_build_record_is_committed():

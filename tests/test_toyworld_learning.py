@@ -3,9 +3,10 @@
 tar, makes "a photo of TOK" draw that shape, and unloading the tar gives back the base model's answers.
 
 Measured on this machine (AMD EPYC, torch 2.13 CPU; ``pytest tests/test_toyworld_learning.py -s`` prints them):
-24 "a photo of TOK" images, 0 of them read as a star by the base model, 8 after 300 steps (the evaluator reads the
-star on 100 % of fresh renders). The thresholds (at most 1 before, at least 3 after) leave margin for other CPUs'
-float noise; bench/subject_fidelity.py measures the rest (prompt fidelity, drift, other configurations).
+24 "a photo of TOK" images, 3 of them read as a star by the base model (it draws assorted shapes for a word it never
+saw, and the evaluator reads a few as stars), 9 after 300 steps (the evaluator reads the star on 100 % of fresh
+renders). The thresholds (at most 5 before, at least 6 after and 3 more than before) leave 2-3 images of margin for
+other CPUs' float noise; bench/subject_fidelity.py measures the rest (prompt fidelity, drift, other configurations).
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ def test_the_trigger_word_brings_the_new_shape(world):
     base = pass_rate(evaluator, generator(predictor, None), probes, seed=100)
     trained = pass_rate(evaluator, generator(predictor, tar), probes, seed=100)
     print(f"subject fidelity: base {base:.2f}, after {STEPS} steps {trained:.2f}")
-    assert base <= 1 / PROBES
-    assert trained >= 3 / PROBES and trained >= base + 2 / PROBES
+    assert base <= 5 / PROBES
+    assert trained >= 6 / PROBES and trained >= base + 3 / PROBES
 
 
 def test_unloading_the_weights_gives_back_the_base_models_answers(world):
