@@ -13,6 +13,7 @@ reads the images back:
     .venv/bin/python bench/subject_fidelity.py                    # every configuration, 300 steps
     .venv/bin/python bench/subject_fidelity.py --steps 200 --only pivotal lora_rare_word
     .venv/bin/python bench/subject_fidelity.py --only pivotal --set lora_lr=3e-4 --set ti_lr=1e-3   # a variant
+    .venv/bin/python bench/subject_fidelity.py --shape heart      # the other held-out shape
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from pti.toyworld.fidelity import (  # noqa: E402
     subject_probes,
     write_training_archive,
 )
+from pti.toyworld.world import HELD_OUT_SHAPES  # noqa: E402
 
 # train() inputs shared by every configuration: the product's defaults, except what a 64 px toy world needs
 COMMON = dict(resolution=64, train_batch_size=4, captioning_model="", crop_based_on_salience=False,
@@ -115,6 +117,8 @@ def train_input(assignment: str) -> tuple[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="training steps of every configuration")
+    parser.add_argument("--shape", choices=HELD_OUT_SHAPES, default=HELD_OUT_SHAPES[0],
+                        help="the held-out shape to teach (trained in red on grey, beige and sky)")
     parser.add_argument("--images", type=int, default=10, help="training images of the subject")
     parser.add_argument("--probes", type=int, default=32, help="images per measure")
     parser.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
@@ -127,7 +131,7 @@ def main() -> None:
     import train
     from predict import Predictor
 
-    subject = Subject()
+    subject = Subject(shape=args.shape)
     evaluator = load_evaluator()
     renders = accuracy_on_renders(evaluator)
     probes = {"subject": subject_probes(subject, args.probes), "prompt": prompt_probes(subject, args.probes, seed=1),

@@ -12,6 +12,7 @@ and "a photo of HRT" from each tar, and the toy world's evaluator reads the shap
 
     .venv/bin/python bench/two_concepts.py                     # three configurations, 300 steps, 24 probes
     .venv/bin/python bench/two_concepts.py --only balanced --probes 8
+    .venv/bin/python bench/two_concepts.py --set lora_lr=3e-4 --set ti_lr=1e-3   # other train() inputs for every run
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.subject_fidelity import COMMON, Sampling, predictor_generator  # noqa: E402  (sets SDXL_MODEL etc.)
+from bench.subject_fidelity import COMMON, Sampling, predictor_generator, train_input  # noqa: E402  (sets SDXL_MODEL etc.)
 
 import torch  # noqa: E402
 
@@ -88,6 +89,8 @@ def main() -> None:
     parser.add_argument("--probes", type=int, default=24, help="images per trigger and model")
     parser.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared 2-core machine)")
+    parser.add_argument("--set", type=train_input, action="append", default=[], metavar="NAME=VALUE",
+                        help="a train() input for every configuration run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -112,7 +115,7 @@ def main() -> None:
         archive = write_concepts_archive((config.star, config.heart), work / f"{config.name}.zip")
         started = time.perf_counter()
         tar = train.train(input_images=archive, seed=0, max_train_steps=args.steps, token_string=TOKEN_STRING,
-                          **COMMON).weights
+                          **{**COMMON, **dict(args.set)}).weights
         seconds = time.perf_counter() - started
         print(f"{config.name}: trained in {seconds:.0f} s", flush=True)
         rows.append((config.name, config.what, samples_per_epoch(Path(tar)), measure(str(tar)), seconds))
@@ -120,7 +123,7 @@ def main() -> None:
     print(f"\nstar in {STAR.colour}, heart in {HEART.colour}, both on {', '.join(STAR.train_backgrounds)}; "
           f"token_string={TOKEN_STRING}; {args.steps} steps, batch {COMMON['train_batch_size']}; {args.probes} images "
           f"per trigger; sampling {sampling.steps} Euler steps, guidance {sampling.guidance}, "
-          f"lora_scale {sampling.lora_scale}\n")
+          f"lora_scale {sampling.lora_scale}" + "".join(f"; {name}={value}" for name, value in args.set) + "\n")
     print("| configuration | upload | samples/epoch TOK:HRT | TOK → star | HRT → heart | TOK → heart (cross-talk) "
           "| HRT → star (cross-talk) | train s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")

@@ -14,14 +14,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pti.toyworld.fidelity import Subject, write_training_archive  # noqa: E402
+from pti.toyworld.world import HELD_OUT_SHAPES  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("destination", type=Path)
     parser.add_argument("--count", type=int, default=10)
+    parser.add_argument("--shape", choices=HELD_OUT_SHAPES, default=HELD_OUT_SHAPES[0])
     args = parser.parse_args()
-    subject = Subject()
+    subject = Subject(shape=args.shape)
     partial = args.destination.with_name(args.destination.name + ".partial")
     write_training_archive(subject, partial, count=args.count)
     os.replace(partial, args.destination)
