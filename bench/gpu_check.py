@@ -12,8 +12,11 @@ What it does, with no network (``HF_HUB_OFFLINE=1``) and no download:
    half) and reports s/step before and after the pivot, the time to the first step, peak GPU memory, and whether
    gradient checkpointing was switched on;
 3. runs a 2-process data-parallel ``train()`` under ``torchrun`` when the machine has 2 GPUs (skipped otherwise);
-4. sets up the predictor, loads the trained tar, and reports the first-load and switch times, the 30-step 1024²
-   latency, and whether A→B→A gives bit-identical images.
+4. runs a short ``train_text_encoder`` ``train()`` (LoRA on both text encoders, float32 adapters beside the
+   device-dtype encoders) and checks that its LoRA file carries the encoders' keys;
+5. sets up the predictor, loads the trained tar, and reports the first-load and switch times, the 30-step 1024²
+   latency, whether A→B→A gives bit-identical images, and whether the text-encoder-LoRA tar changes the image and
+   unloads to the bit-identical base image.
 
 The device comes from ``--device`` alone (exported as ``SDXL_DEVICE`` for every component); CUDA-only calls
 (synchronize, peak memory) go through :mod:`pti.models.base_model`, which skips them off CUDA. Images are noise
@@ -36,6 +39,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import traceback
@@ -318,6 +322,32 @@ def run_training(settings: CheckSettings, photos: Path, report: Report) -> Path 
     return tar
 
 
+def run_text_encoder_training(settings: CheckSettings, photos: Path, report: Report) -> Path | None:
+    """A short ``train_text_encoder`` run (LoRA on both text encoders for its first half, beside the embeddings): it
+    trains on the device's dtype with float32 adapters, and its LoRA files carry the encoders' keys."""
+    import train
+    from safetensors import safe_open
+
+    from pti.formats.export import DIFFUSERS_LORA_FILE
+
+    steps = max(2, settings.ddp_steps)
+    started = time.perf_counter()
+    output = train.train(**{**train_inputs(settings, photos, steps), "train_text_encoder": True,
+                            "text_encoder_frac": 0.5})
+    seconds = time.perf_counter() - started
+    tar = settings.work / "trained_text_encoder.tar"
+    shutil.move(str(output.weights), tar)
+    with tarfile.open(tar) as archive:
+        member = next(m for m in archive.getmembers() if Path(m.name).name == DIFFUSERS_LORA_FILE)
+        archive.extract(member, settings.work / "te_files", filter="data")
+    with safe_open(str(settings.work / "te_files" / member.name), "pt") as lora:
+        prefixes = {key.split(".")[0] for key in lora.keys()}
+    carried = {"text_encoder", "text_encoder_2"} <= prefixes
+    report.add("train(): text-encoder LoRA", f"{seconds:.1f} s", "ok" if carried else "FAIL",
+               f"{steps} steps, encoders' adapters for the first half; LoRA file prefixes: {', '.join(sorted(prefixes))}")
+    return tar
+
+
 def ddp_worker(settings: CheckSettings, photos: Path, report_json: Path) -> None:
     """One process of the 2-process check (run by torchrun): train(), then rank 0 writes what it saw."""
     import torch
@@ -379,7 +409,7 @@ def render(predictor, inputs: dict):
         return np.asarray(image.convert("RGB")).copy()
 
 
-def run_predictor(settings: CheckSettings, tar_a: Path, report: Report) -> None:
+def run_predictor(settings: CheckSettings, tar_a: Path, report: Report, tar_text_encoder: Path | None = None) -> None:
     import numpy as np
 
     from pti.models.base_model import synchronize
@@ -417,6 +447,15 @@ def run_predictor(settings: CheckSettings, tar_a: Path, report: Report) -> None:
     exact, differs = np.array_equal(a1, a2), not np.array_equal(a1, b)
     report.add("predictor: A→B→A exact", "yes" if exact else "no", "ok" if exact and differs else "FAIL",
                "B differs from A" if differs else "B renders the same as A: the switch did nothing")
+    if tar_text_encoder is not None:
+        before = render(predictor, {**quick, "replicate_weights": None})
+        with_encoders = render(predictor, {**quick, "replicate_weights": str(tar_text_encoder)})
+        after = render(predictor, {**quick, "replicate_weights": None})
+        restored, changed = np.array_equal(before, after), not np.array_equal(before, with_encoders)
+        report.add("predictor: text-encoder LoRA on, then off", "exact" if restored else "not exact",
+                   "ok" if restored and changed else "FAIL",
+                   "base → text-encoder-LoRA tar → base; the tar changes the image" if changed
+                   else "the text-encoder-LoRA tar renders the base image")
 
 
 # ---------------------------------------------------------------------------------------------------- main
@@ -455,10 +494,12 @@ def main(argv: list[str] | None = None) -> int:
         photos = write_photos(settings.work / "photos", settings.num_images, max(settings.resolution, 256))
         tar = attempt(report, "train()", lambda: run_training(settings, photos, report))
         attempt(report, "train(): 2-process data parallel", lambda: run_ddp_training(settings, photos, report))
+        tar_text_encoder = attempt(report, "train(): text-encoder LoRA",
+                                   lambda: run_text_encoder_training(settings, photos, report))
         if tar is None:
             report.add("predictor", "-", "FAIL", "not run: no trained tar")
         else:
-            attempt(report, "predictor", lambda: run_predictor(settings, tar, report))
+            attempt(report, "predictor", lambda: run_predictor(settings, tar, report, tar_text_encoder))
         return finish(report, settings, started)
     finally:
         if not keep:

@@ -14,7 +14,7 @@ EXPECTED_ROWS = ("train(): total", "train(): time to first step", "train(): s/st
                  "train(): s/step after pivot", "train(): peak GPU memory", "train(): gradient checkpointing",
                  "train(): losses finite", "train(): 2-process data parallel", "predictor: setup()",
                  "predictor: first load of the trained tar", "predictor: switch A↔B", "predictor: A→B→A exact",
-                 "whole check")
+                 "train(): text-encoder LoRA", "predictor: text-encoder LoRA on, then off", "whole check")
 
 
 def run_check(*args: str) -> subprocess.CompletedProcess:
