@@ -8,7 +8,6 @@ import json
 import logging
 import shutil
 import tarfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from exactness import assert_images_close, images_differ
-from training_fixtures import write_plain_folder
+from training_fixtures import write_photo_zip
 from weights_fixtures import one_torch_thread  # noqa: F401  (autouse fixture)
 from weights_fixtures import predictor_with_own_cache
 
@@ -34,11 +33,7 @@ def trained_tar(tmp_path_factory) -> Path:
     import train
 
     work = tmp_path_factory.mktemp("steps")
-    photos = write_plain_folder(work / "photos", 3, size=64)
-    archive = work / "photos.zip"
-    with zipfile.ZipFile(archive, "w") as handle:
-        for photo in photos.iterdir():
-            handle.write(photo, photo.name)
+    archive = write_photo_zip(work, 3, size=64)
     output = train.train(input_images=archive, seed=5, resolution=64, train_batch_size=1, max_train_steps=8,
                          checkpointing_steps=2, lora_rank=4, lora_lr=3e-2, ti_lr=3e-2, lr_warmup_steps=0,
                          captioning_model="", crop_based_on_salience=False, verbose=False,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import inspect
 import os
 import tarfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +21,7 @@ from exactness import assert_same_state, effective_state, images_differ
 from pti.formats import sgm_checkpoint
 from pti.formats.sgm_checkpoint import SdxlShape, sgm_state, sgm_tensors
 from pti.inference.weights_cache import WeightsSettings
-from training_fixtures import write_plain_folder
+from training_fixtures import write_photo_zip
 from weights_fixtures import one_torch_thread  # noqa: F401  (autouse fixture)
 
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
@@ -101,11 +100,7 @@ def test_real_sdxl_architecture_maps_key_by_key_and_fits_the_download_limit():
 def train_full_fine_tune(work: Path, **inputs) -> Path:
     import train
 
-    photos = write_plain_folder(work / "photos", 3, size=64)
-    archive = work / "photos.zip"
-    with zipfile.ZipFile(archive, "w") as handle:
-        for photo in photos.iterdir():
-            handle.write(photo, photo.name)
+    archive = write_photo_zip(work, 3, size=64)
     output = train.train(input_images=archive, seed=5, resolution=64, train_batch_size=1, max_train_steps=3,
                          is_lora=False, unet_learning_rate=1e-3, ti_lr=1e-2, lr_warmup_steps=0, captioning_model="",
                          crop_based_on_salience=False, verbose=False, validation_num_inference_steps=1, **inputs)

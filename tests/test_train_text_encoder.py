@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import shutil
 import tarfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from exactness import assert_images_close, assert_same_state, effective_state, i
 from predict import default_inputs
 from pti.formats.text_encoder_lora import is_diffusers_key, is_kohya_key
 from pti.training.trainer import DEFAULT_TEXT_ENCODER_LR, SettingsError, Trainer, TrainingSettings
-from training_fixtures import write_dataset_folder, write_plain_folder
+from training_fixtures import write_dataset_folder, write_photo_zip
 from weights_fixtures import one_torch_thread  # noqa: F401  (autouse fixture)
 from weights_fixtures import predictor_with_own_cache, write_trained_tar
 
@@ -45,11 +44,7 @@ def trained_tar(tmp_path_factory) -> Path:
     import train
 
     work = tmp_path_factory.mktemp("te")
-    photos = write_plain_folder(work / "photos", 3, size=64)
-    archive = work / "photos.zip"
-    with zipfile.ZipFile(archive, "w") as handle:
-        for photo in photos.iterdir():
-            handle.write(photo, photo.name)
+    archive = write_photo_zip(work, 3, size=64)
     return Path(train.train(input_images=archive, **INPUTS).weights)
 
 

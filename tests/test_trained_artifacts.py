@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import tarfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 from exactness import assert_images_close, assert_same_state, effective_state
 from pti.formats import lora_formats
 from pti.models.base_model import load_sdxl_pipeline, pick_runtime
-from training_fixtures import write_plain_folder
+from training_fixtures import write_photo_zip
 
 PROMPT = "a photo of <s0><s1> on a table"
 CONTRACT_FILES = {"pytorch_lora_weights.safetensors", "embeddings.safetensors", "trained_model.safetensors",
@@ -28,11 +27,7 @@ def artifact(tmp_path_factory) -> Path:
     import train
 
     work = tmp_path_factory.mktemp("trained")
-    photos = write_plain_folder(work / "photos", 3, size=96)
-    archive = work / "photos.zip"
-    with zipfile.ZipFile(archive, "w") as handle:
-        for photo in photos.iterdir():
-            handle.write(photo, photo.name)
+    archive = write_photo_zip(work, 3, size=96)
     output = train.train(input_images=archive, seed=5, resolution=64, train_batch_size=1, max_train_steps=6,
                          lora_rank=4, lora_lr=1e-2, ti_lr=1e-2, lr_warmup_steps=0, captioning_model="",
                          crop_based_on_salience=False, verbose=False, validation_num_inference_steps=1)

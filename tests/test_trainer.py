@@ -5,7 +5,6 @@ tar."""
 import json
 import math
 import tarfile
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +15,7 @@ from safetensors.torch import load_file
 from pti.models import base_model
 from pti.training.step_hooks import StepHooks
 from pti.training.trainer import SettingsError, Trainer, TrainingSettings, _epoch_batches, plan_training
-from training_fixtures import SIZE, single_torch_thread, write_dataset_folder, write_plain_folder
+from training_fixtures import SIZE, single_torch_thread, write_dataset_folder, write_photo_zip
 
 CAPTIONS = ["a photo of TOK", "TOK sitting on a table", "a close up photo of TOK", "TOK in the forest"]
 BROAD_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1",
@@ -283,11 +282,7 @@ def test_epochs_count_optimizer_steps_when_max_train_steps_is_unset(dataset, tmp
 def test_train_turns_a_zip_of_photos_into_the_tar(tmp_path):
     import train
 
-    photos = write_plain_folder(tmp_path / "photos", 3, size=96)
-    archive = tmp_path / "photos.zip"
-    with zipfile.ZipFile(archive, "w") as handle:
-        for photo in photos.iterdir():
-            handle.write(photo, photo.name)
+    archive = write_photo_zip(tmp_path, 3, size=96)
     output = train.train(input_images=archive, seed=3, resolution=SIZE, train_batch_size=1, max_train_steps=2,
                          lora_rank=2, captioning_model="", crop_based_on_salience=False, verbose=False,
                          validation_num_inference_steps=1)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import tarfile
-import zipfile
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ from safetensors.torch import load_file
 
 from pti.training.max_norm import apply_max_norm, delta_norm, lora_layers
 from pti.training.trainer import SampleKey, SettingsError, Trainer, TrainingSettings
-from training_fixtures import SIZE, single_torch_thread, write_dataset_folder, write_plain_folder
+from training_fixtures import SIZE, single_torch_thread, write_dataset_folder, write_photo_zip
 
 CAPTIONS = ["a photo of TOK", "TOK sitting on a table", "a close up photo of TOK", "TOK in the forest"]
 # kohya's recommended limit. Without regularisation these settings (lora_lr 3e-2, 3 steps, rank 4) leave the 64 LoRA
@@ -177,13 +176,7 @@ BAD_KNOBS = [
 
 @pytest.fixture(scope="module")
 def photos_zip(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    photos = write_plain_folder(folder / "photos", 3, size=96)
-    archive = folder / "photos.zip"
-    with zipfile.ZipFile(archive, "w") as handle:
-        for photo in sorted(photos.iterdir()):
-            handle.write(photo, photo.name)
-    return archive
+    return write_photo_zip(tmp_path_factory.mktemp("photos"), 3, size=96)
 
 
 @pytest.mark.parametrize("inputs, message", BAD_KNOBS)

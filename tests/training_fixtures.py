@@ -64,6 +64,18 @@ def write_plain_folder(folder: Path, count: int, size: int = SIZE) -> Path:
     return folder
 
 
+def write_photo_zip(folder: Path, count: int, size: int = SIZE) -> Path:
+    """``folder/photos.zip``: ``count`` plain-folder photos at the zip's top level, as a user uploads them."""
+    import zipfile
+
+    photos = write_plain_folder(folder / "photos", count, size)
+    archive = folder / "photos.zip"
+    with zipfile.ZipFile(archive, "w") as handle:
+        for photo in sorted(photos.iterdir()):
+            handle.write(photo, photo.name)
+    return archive
+
+
 def write_noise_photos(folder: Path, count: int, size: int) -> Path:
     """``count`` smooth random colour images (a 4x4 noise upscaled), the same for every run."""
     folder.mkdir(parents=True)
