@@ -114,17 +114,27 @@ def train_input(assignment: str) -> tuple[str, object]:
         return name, text
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every toy-world benchmark takes: step budget, which configurations, threads, extra train() inputs."""
     parser.add_argument("--steps", type=int, default=300, help="training steps of every configuration")
-    parser.add_argument("--shape", choices=HELD_OUT_SHAPES, default=HELD_OUT_SHAPES[0],
-                        help="the held-out shape to teach (trained in red on grey, beige and sky)")
-    parser.add_argument("--images", type=int, default=10, help="training images of the subject")
-    parser.add_argument("--probes", type=int, default=32, help="images per measure")
     parser.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared 2-core machine)")
     parser.add_argument("--set", type=train_input, action="append", default=[], metavar="NAME=VALUE",
                         help="a train() input for every configuration run (after the configuration's own)")
+
+
+def settings_suffix(assignments: list[tuple[str, object]]) -> str:
+    """``; name=value`` for each ``--set``, for the line above a table."""
+    return "".join(f"; {name}={value}" for name, value in assignments)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_run_arguments(parser)
+    parser.add_argument("--shape", choices=HELD_OUT_SHAPES, default=HELD_OUT_SHAPES[0],
+                        help="the held-out shape to teach (trained in red on grey, beige and sky)")
+    parser.add_argument("--images", type=int, default=10, help="training images of the subject")
+    parser.add_argument("--probes", type=int, default=32, help="images per measure")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -163,7 +173,7 @@ def main() -> None:
     print(f"subject: {subject.shape} in {subject.colour} on {', '.join(subject.train_backgrounds)}; {args.images} "
           f"images; {args.steps} steps, batch {COMMON['train_batch_size']}; {args.probes} images per measure; "
           f"sampling {sampling.steps} Euler steps, guidance {sampling.guidance}, lora_scale {sampling.lora_scale}"
-          + "".join(f"; {name}={value}" for name, value in args.set) + "\n")
+          + settings_suffix(args.set) + "\n")
     print("| configuration | subject fidelity | prompt fidelity | prior (known shapes) | drift (points) | train s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for name, rates, seconds in rows:

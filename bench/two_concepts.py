@@ -29,7 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench.subject_fidelity import COMMON, Sampling, predictor_generator, train_input  # noqa: E402  (sets SDXL_MODEL etc.)
+from bench.subject_fidelity import (COMMON, Sampling, add_run_arguments, predictor_generator,  # noqa: E402
+                                    settings_suffix)  # (importing it sets SDXL_MODEL etc.)
 
 import torch  # noqa: E402
 
@@ -85,12 +86,8 @@ def samples_per_epoch(tar: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300, help="training steps of every configuration")
+    add_run_arguments(parser)
     parser.add_argument("--probes", type=int, default=24, help="images per trigger and model")
-    parser.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared 2-core machine)")
-    parser.add_argument("--set", type=train_input, action="append", default=[], metavar="NAME=VALUE",
-                        help="a train() input for every configuration run")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -123,7 +120,7 @@ def main() -> None:
     print(f"\nstar in {STAR.colour}, heart in {HEART.colour}, both on {', '.join(STAR.train_backgrounds)}; "
           f"token_string={TOKEN_STRING}; {args.steps} steps, batch {COMMON['train_batch_size']}; {args.probes} images "
           f"per trigger; sampling {sampling.steps} Euler steps, guidance {sampling.guidance}, "
-          f"lora_scale {sampling.lora_scale}" + "".join(f"; {name}={value}" for name, value in args.set) + "\n")
+          f"lora_scale {sampling.lora_scale}" + settings_suffix(args.set) + "\n")
     print("| configuration | upload | samples/epoch TOK:HRT | TOK → star | HRT → heart | TOK → heart (cross-talk) "
           "| HRT → star (cross-talk) | train s |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
