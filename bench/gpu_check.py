@@ -72,6 +72,7 @@ class CheckSettings:
     exact_steps: int  # steps of the A→B→A renders
     switches: int
     ddp_steps: int
+    text_encoder_steps: int  # steps of the train_text_encoder run
     work: Path
 
     @property
@@ -81,9 +82,9 @@ class CheckSettings:
 
 PRESETS = {  # the sizes for the full model; the smallest that exercise the same code for tiny
     "full": dict(resolution=1024, batch_size=4, rank=32, steps=40, ti_frac=0.5, num_images=8, predict_size=1024,
-                 predict_steps=30, exact_steps=4, switches=6, ddp_steps=10),
+                 predict_steps=30, exact_steps=4, switches=6, ddp_steps=10, text_encoder_steps=10),
     "tiny": dict(resolution=64, batch_size=2, rank=4, steps=4, ti_frac=0.5, num_images=4, predict_size=64,
-                 predict_steps=2, exact_steps=2, switches=4, ddp_steps=2),
+                 predict_steps=2, exact_steps=2, switches=4, ddp_steps=2, text_encoder_steps=2),
 }
 
 
@@ -330,7 +331,7 @@ def run_text_encoder_training(settings: CheckSettings, photos: Path, report: Rep
 
     from pti.formats.export import DIFFUSERS_LORA_FILE
 
-    steps = max(2, settings.ddp_steps)
+    steps = settings.text_encoder_steps
     started = time.perf_counter()
     output = train.train(**{**train_inputs(settings, photos, steps), "train_text_encoder": True,
                             "text_encoder_frac": 0.5})
