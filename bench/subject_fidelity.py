@@ -6,6 +6,8 @@ step budget; the predictor (``SDXL_MODEL=mini-world``) then generates from each 
 reads the images back:
 
 * subject fidelity: "a photo of TOK" images read as the new shape;
+* training captions: the training images' own captions, shape only (far above subject fidelity: the subject was
+  learned but bound to the context it was shown in);
 * prompt fidelity: "a photo of a <colour> TOK on a <background> background", colours and backgrounds never in the
   training images: shape, colour and background all as asked;
 * prior: known-shape prompts read correctly, base model vs the trained weights loaded (the drop is the drift).
@@ -45,6 +47,8 @@ from pti.toyworld.fidelity import (  # noqa: E402
     prior_probes,
     prompt_probes,
     subject_probes,
+    training_caption_probes,
+    write_class_archive,
     write_training_archive,
 )
 from pti.toyworld.world import HELD_OUT_SHAPES  # noqa: E402
@@ -54,11 +58,15 @@ COMMON = dict(resolution=64, train_batch_size=4, captioning_model="", crop_based
               validation_prompts="", verbose=False, checkpointing_steps=999999, lr_warmup_steps=0)
 
 
+CLASS_DRAWINGS = 40  # class images of pivotal_prior_drawn
+
+
 @dataclass(frozen=True)
 class Config:
     name: str
     what: str
     inputs: dict = field(default_factory=dict)
+    drawn_class_images: bool = False  # class_images: the base model's drawings of assorted known-shape captions
 
 
 CONFIGS = (
@@ -69,12 +77,17 @@ CONFIGS = (
            dict(lora_lr=0.0, ti_frac=1.0)),
     Config("pivotal_prior", "pivotal tuning + prior preservation (10 class images of known shapes)",
            dict(class_prompt="a photo of a red circle on a grey background", num_class_images=10)),
+    Config("pivotal_prior_drawn", f"pivotal tuning + prior preservation ({CLASS_DRAWINGS} class images the base model "
+           "drew for assorted known-shape captions, uploaded with those captions: the DreamBooth paper's recipe)",
+           dict(class_prompt="a photo of a shape"), drawn_class_images=True),
     Config("pivotal_prodigy", "pivotal tuning, Prodigy optimizer (learning rates found automatically)",
            dict(optimizer="prodigy")),
     Config("pivotal_text_encoder", "pivotal tuning + text-encoder LoRA (train_text_encoder, its defaults)",
            dict(train_text_encoder=True)),
     Config("text_encoder_lora", "text-encoder LoRA instead of pivotal tuning (ti_frac=0, train_text_encoder)",
            dict(ti_frac=0.0, train_text_encoder=True)),
+    Config("full_finetune", "full UNet fine-tune instead of the LoRA (is_lora=false, unet_learning_rate 1e-4): the "
+           "most the UNet can take from the images", dict(is_lora=False, unet_learning_rate=1e-4)),
 )
 
 
@@ -145,7 +158,8 @@ def main() -> None:
     evaluator = load_evaluator()
     renders = accuracy_on_renders(evaluator)
     probes = {"subject": subject_probes(subject, args.probes), "prompt": prompt_probes(subject, args.probes, seed=1),
-              "prior": prior_probes(args.probes, seed=2)}
+              "prior": prior_probes(args.probes, seed=2),
+              "training": training_caption_probes(subject, args.probes, images=args.images)}
     predictor = Predictor()
     predictor.setup()
     sampling = Sampling()
@@ -160,9 +174,13 @@ def main() -> None:
     for config in CONFIGS:
         if args.only and config.name not in args.only:
             continue
+        inputs = {**COMMON, **config.inputs, **dict(args.set)}
+        if config.drawn_class_images:
+            inputs["class_images"] = write_class_archive(predictor_generator(predictor, None, sampling),
+                                                         work / "class.zip", CLASS_DRAWINGS, seed=3)
         started = time.perf_counter()
         tar = train.train(input_images=archive, seed=0, max_train_steps=args.steps,
-                          token_string=subject.trigger, **{**COMMON, **config.inputs, **dict(args.set)}).weights
+                          token_string=subject.trigger, **inputs).weights
         seconds = time.perf_counter() - started
         rows.append((f"{config.name}: {config.what}", measure(str(tar)), seconds))
         print(f"{config.name}: trained in {seconds:.0f} s", flush=True)
@@ -174,12 +192,13 @@ def main() -> None:
           f"images; {args.steps} steps, batch {COMMON['train_batch_size']}; {args.probes} images per measure; "
           f"sampling {sampling.steps} Euler steps, guidance {sampling.guidance}, lora_scale {sampling.lora_scale}"
           + settings_suffix(args.set) + "\n")
-    print("| configuration | subject fidelity | prompt fidelity | prior (known shapes) | drift (points) | train s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    print("| configuration | subject fidelity | prompt fidelity | training captions | prior (known shapes) "
+          "| drift (points) | train s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, rates, seconds in rows:
         drift = 100 * (base_prior - rates["prior"])
-        print(f"| {name} | {rates['subject']:.2f} | {rates['prompt']:.2f} | {rates['prior']:.2f} | {drift:+.1f} "
-              f"| {seconds:.0f} |")
+        print(f"| {name} | {rates['subject']:.2f} | {rates['prompt']:.2f} | {rates['training']:.2f} "
+              f"| {rates['prior']:.2f} | {drift:+.1f} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":

@@ -110,6 +110,30 @@ def subject_probes(subject: Subject, count: int) -> list[Probe]:
     return [Probe(f"a photo of {subject.trigger}", scene, ("shape",)) for _ in range(count)]
 
 
+def training_caption_probes(subject: Subject, count: int, images: int = 10, seed: int = 0) -> list[Probe]:
+    """The training images' own captions (``seed`` and ``images`` as given to :func:`write_training_archive`), in
+    turn: does the subject come back where it was shown (shape only). Far above subject fidelity means the subject
+    was learned, but bound to its training context."""
+    scene_list = training_scenes(subject, images, seed)
+    return [Probe(caption(scene, shape_word=subject.trigger), scene, ("shape",))
+            for scene in (scene_list[k % len(scene_list)] for k in range(count))]
+
+
+def write_class_archive(generate: Generator, path: Path, count: int, seed: int = 0) -> Path:
+    """Prior preservation as the DreamBooth paper does it: ``count`` images the base model draws for captions of
+    known shapes in assorted colours and backgrounds, each zipped with its caption as a sidecar file."""
+    rng = random.Random(seed)
+    captions = [caption(sample_scene(rng, KNOWN_SHAPES)) for _ in range(count)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as archive:
+        for index, (image, text) in enumerate(zip(generate(captions, seed), captions)):
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            archive.writestr(f"class_{index:03d}.png", buffer.getvalue())
+            archive.writestr(f"class_{index:03d}.txt", text)
+    return path
+
+
 def prompt_probes(subject: Subject, count: int, seed: int = 0) -> list[Probe]:
     """The subject in a colour and on a background it was never shown in: shape, colour and background must match."""
     rng = random.Random(seed)
