@@ -104,7 +104,7 @@ def test_build_record_is_committed():
     assert known["count"] > 0 and all(0.0 <= known[head] <= 1.0 for head in ("shape", "colour", "background"))
     assert record["torch"] and record["seed"] == 0 and record["threads"] == 1
     assert 0 < record["build_seconds"] <= 60 * 60, "the committed weights come from one run of the build script"
-    assert set(record["generation_accuracy"]) == {"known", "known_empty_negative", "held_out"}
+    assert set(record["generation_accuracy"]) == {"known", "known_empty_negative", "known_name_only", "held_out"}
 
 
 @pytest.mark.parametrize("negative_prompt", [None, ""], ids=["zeros", "encoded-empty"])
@@ -155,3 +155,44 @@ def test_a_two_concept_upload_gives_each_render_its_folders_trigger_and_repeats(
         rows = list(csv.DictReader(handle))
     seen = sorted((row["concept"], row["repeats"], " ".join(row["caption"].split()[4:6])) for row in rows)
     assert seen == [("HRT", "3", "blue HRT")] * 2 + [("TOK", "1", "red TOK")] * 2
+
+
+def test_training_caption_probes_ask_for_exactly_the_uploaded_captions(tmp_path):
+    """bench/subject_fidelity.py's 'training captions' column prompts with the captions of the uploaded images, in
+    turn, and checks only the shape."""
+    import zipfile
+
+    from pti.toyworld.fidelity import Subject, training_caption_probes, write_training_archive
+
+    subject = Subject()
+    with zipfile.ZipFile(write_training_archive(subject, tmp_path / "subject.zip", count=4)) as archive:
+        uploaded = [archive.read(name).decode() for name in sorted(archive.namelist()) if name.endswith(".txt")]
+    probes = training_caption_probes(subject, 6, images=4)
+    assert [p.prompt for p in probes] == uploaded + uploaded[:2]
+    assert all(p.checks == ("shape",) and p.expected.shape == subject.shape for p in probes)
+
+
+def test_drawn_class_images_keep_their_own_captions_through_class_preprocessing(tmp_path, pipe):
+    """Prior preservation's class upload (bench/subject_fidelity.py's pivotal_prior_drawn): the base model's own
+    drawings of known-shape captions, each trained with its caption rather than class_prompt."""
+    import csv
+    import zipfile
+
+    import preprocess
+    from pti.toyworld.fidelity import write_class_archive
+
+    drawn = []
+
+    def draw(prompts, seed):
+        drawn.extend(prompts)
+        return generate(pipe, prompts, seed, steps=2)
+
+    archive = write_class_archive(draw, tmp_path / "class.zip", count=3, seed=5)
+    with zipfile.ZipFile(archive) as opened:
+        assert sorted(n.rsplit(".", 1)[1] for n in opened.namelist()) == ["png"] * 3 + ["txt"] * 3
+    assert all(caption_shape in KNOWN_SHAPES for caption_shape in (p.split()[5] for p in drawn))
+    dataset = preprocess.preprocess(archive, tmp_path / "class", preprocess.PreprocessSettings(
+        resolution=64, token_string="", class_images=True, caption_prefix="a photo of a shape",
+        captioning_model=None, crop_based_on_salience=False, device="cpu"))
+    with (dataset / "captions.csv").open(newline="", encoding="utf-8") as handle:
+        assert sorted(row["caption"] for row in csv.DictReader(handle)) == sorted(drawn)

@@ -53,6 +53,11 @@ def score(evaluator: Evaluator, images: Sequence[Image.Image], expected: Sequenc
     return Score(accuracy=accuracy, shapes_read=dict(Counter(r.shape for r in readings)), count=len(expected))
 
 
+def name_only_prompt(scene: Scene) -> str:
+    """``"a photo of square"``: the shape's name and nothing else."""
+    return f"a photo of {scene.shape}"
+
+
 def probe_scenes(seed: int, count: int, shapes: Sequence[str]) -> list[Scene]:
     """Scenes to prompt for, from a seed range the pretraining never used."""
     return list(scenes(seed + 2_000_000, count, shapes=shapes))
@@ -61,13 +66,15 @@ def probe_scenes(seed: int, count: int, shapes: Sequence[str]) -> list[Scene]:
 def measure(pipe, evaluator: Evaluator, count: int = 96, held_out_count: int = 32, seed: int = 0,
             settings: SamplingSettings = SamplingSettings()) -> dict[str, Score]:
     """Known shapes drawn from their captions (with the unconditional branch as zeros, and as the encoded empty
-    prompt), and what the model draws when asked for a held-out shape."""
+    prompt), from the shape's name alone ("a photo of square": the form of the subject-fidelity prompt "a photo of
+    TOK", which no pretraining caption has), and what the model draws when asked for a held-out shape."""
     results = {}
-    runs = (("known", KNOWN_SHAPES, count, None), ("known_empty_negative", KNOWN_SHAPES, count, ""),
-            ("held_out", HELD_OUT_SHAPES, held_out_count, None))
-    for name, shapes, n, negative in runs:
+    runs = (("known", KNOWN_SHAPES, count, None, caption), ("known_empty_negative", KNOWN_SHAPES, count, "", caption),
+            ("known_name_only", KNOWN_SHAPES, count, None, name_only_prompt),
+            ("held_out", HELD_OUT_SHAPES, held_out_count, None, caption))
+    for name, shapes, n, negative, prompt in runs:
         expected = probe_scenes(seed, n, shapes)
-        images = generate(pipe, [caption(s) for s in expected], seed, settings.steps, settings.guidance,
+        images = generate(pipe, [prompt(s) for s in expected], seed, settings.steps, settings.guidance,
                           settings.batch_size, negative)
         results[name] = score(evaluator, images, expected)
     return results
