@@ -75,7 +75,8 @@ CONFIGS = (
            dict(ti_frac=0.0, num_new_tokens=1, token_init_word="z")),
     Config("embeddings_only", "embeddings only (textual inversion: LoRA learning rate 0)",
            dict(lora_lr=0.0, ti_frac=1.0)),
-    Config("pivotal_prior", "pivotal tuning + prior preservation (10 class images of known shapes)",
+    Config("pivotal_prior", "pivotal tuning + prior preservation (10 class images the base model drew for its "
+           "class_prompt 'a photo of a red circle on a grey background')",
            dict(class_prompt="a photo of a red circle on a grey background", num_class_images=10)),
     Config("pivotal_prior_drawn", f"pivotal tuning + prior preservation ({CLASS_DRAWINGS} class images the base model "
            "drew for assorted known-shape captions, uploaded with those captions: the DreamBooth paper's recipe)",
