@@ -29,7 +29,7 @@ from pti.toyworld.evaluator import (EvaluatorSettings, accuracy_on_renders, load
                                     train_evaluator)
 from pti.toyworld.paths import EVALUATOR_PATH, MINI_WORLD_DIR  # noqa: E402
 from pti.toyworld.pretrain import (BuildSettings, DiffusionSettings, DiffusionStage, load_pipeline,  # noqa: E402
-                                   pretrain, save_pipeline)
+                                   name_only_stage, pretrain, save_pipeline)
 from pti.toyworld.sample import SamplingSettings, Score, measure  # noqa: E402
 from pti.toyworld.world import HELD_OUT_SHAPES, KNOWN_SHAPES  # noqa: E402
 
@@ -42,6 +42,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--vae-steps", type=int, default=None)
     parser.add_argument("--diffusion-steps", type=int, default=None, help="one stage of this many steps instead of "
                         "the committed recipe's three")
+    parser.add_argument("--name-only-stage", action="store_true", help="append a stage with name-only captions "
+                        "('a photo of square'); see bench/README.md")
     parser.add_argument("--train-evaluator", action="store_true")
     parser.add_argument("--measure-only", action="store_true")
     parser.add_argument("--count", type=int, default=192, help="known-shape captions to generate and read back")
@@ -56,6 +58,8 @@ def settings_from(args: argparse.Namespace) -> BuildSettings:
         settings = replace(settings, vae=replace(settings.vae, steps=args.vae_steps))
     if args.diffusion_steps is not None:
         settings = replace(settings, stages=(DiffusionStage(DiffusionSettings(steps=args.diffusion_steps), seed=0),))
+    if args.name_only_stage:
+        settings = replace(settings, stages=settings.stages + (name_only_stage(),))
     return settings
 
 

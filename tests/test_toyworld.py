@@ -137,6 +137,23 @@ def test_pretraining_captions_hold_unknown_nouns_and_both_dropped_forms():
     assert all(n == "square" for n in nouns if n in VOCABULARY)
 
 
+def test_name_only_captions_come_at_their_share_and_never_in_the_committed_recipe():
+    """``name_only_caption`` (the subject probe's form, "a photo of (a) square"): off by default, so the committed
+    recipe's caption stream is unchanged; at 0.15 that share of captions names the shape alone, half with "a"."""
+    from pti.toyworld.pretrain import DiffusionSettings, default_stages, training_caption
+
+    scene = Scene("square", "red", "grey")
+    name_only = {"a photo of a square", "a photo of square"}
+    rng = random.Random(0)
+    default = [training_caption(scene, rng, DiffusionSettings()) for _ in range(4000)]
+    assert not name_only & set(default)
+    assert all(stage.settings.name_only_caption == 0 for stage in default_stages())
+    rng = random.Random(0)
+    captions = [training_caption(scene, rng, DiffusionSettings(name_only_caption=0.15)) for _ in range(4000)]
+    with_a, without_a = captions.count("a photo of a square"), captions.count("a photo of square")
+    assert 0.12 <= (with_a + without_a) / 4000 <= 0.18 and abs(with_a - without_a) < 100  # 600 expected, 300 each
+
+
 def test_a_two_concept_upload_gives_each_render_its_folders_trigger_and_repeats(tmp_path):
     """bench/two_concepts.py's upload, read by the product's preprocessing: star renders train as TOK once per
     epoch, heart renders as HRT three times, each caption naming its own trigger."""

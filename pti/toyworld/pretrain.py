@@ -46,6 +46,7 @@ class DiffusionSettings:
     caption_dropout: float = 0.1
     empty_caption_share: float = 0.5
     partial_caption: float = 0.1
+    name_only_caption: float = 0.0  # "a photo of (a) square": the subject probe's form (off in the committed recipe)
     unknown_noun: float = 0.1
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
@@ -68,6 +69,13 @@ def default_stages() -> tuple[DiffusionStage, ...]:
         DiffusionStage(DiffusionSettings(steps=1200, learning_rate=3e-4, text_learning_rate=1e-4, warmup_steps=50),
                        seed=2),
     )
+
+
+def name_only_stage() -> DiffusionStage:
+    """An extra last stage that teaches "a photo of (a) square" (the subject probe's form) on 15 % of its captions:
+    ``scripts/build_mini_world.py --name-only-stage``. Measured in bench/README.md; not in the committed recipe."""
+    return DiffusionStage(DiffusionSettings(steps=300, learning_rate=3e-4, text_learning_rate=1e-4, warmup_steps=20,
+                                            name_only_caption=0.15), seed=3)
 
 
 @dataclass(frozen=True)
@@ -222,6 +230,8 @@ def training_caption(scene: Scene, rng: random.Random, settings: DiffusionSettin
         return f"a photo of a {scene.colour} {noun}"
     if draw < settings.caption_dropout + settings.partial_caption:
         return f"a photo of a {noun} on a {scene.background} background"
+    if draw < settings.caption_dropout + settings.partial_caption + settings.name_only_caption:
+        return f"a photo of a {noun}" if rng.random() < 0.5 else f"a photo of {noun}"
     return f"a photo of a {scene.colour} {noun} on a {scene.background} background"
 
 
