@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from pti.formats.export import TRAINING_CONFIG_FILE  # noqa: E402
 from pti.toyworld.evaluator import load_evaluator, read  # noqa: E402
 from pti.toyworld.fidelity import ConceptUpload, Subject, write_concepts_archive  # noqa: E402
+from pti.toyworld.world import name_caption  # noqa: E402
 
 STAR = Subject(shape="star", colour="red", trigger="TOK")
 HEART = Subject(shape="heart", colour="blue", trigger="HRT")
@@ -70,7 +71,7 @@ class Readout:
 
 
 def shape_shares(evaluator, generate, trigger: str, count: int, seed: int) -> Readout:
-    images = generate([f"a photo of {trigger}"] * count, seed)
+    images = generate([name_caption(trigger)] * count, seed)
     shapes = [reading.shape for reading in read(evaluator, images)]
     return Readout(star=shapes.count(STAR.shape) / count, heart=shapes.count(HEART.shape) / count)
 

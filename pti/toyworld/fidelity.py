@@ -20,6 +20,7 @@ from pti.toyworld.world import (
     KNOWN_SHAPES,
     Scene,
     caption,
+    name_caption,
     render,
     sample_scene,
 )
@@ -98,16 +99,22 @@ def write_concepts_archive(concepts: Sequence[ConceptUpload], path: Path, seed: 
 def _write_renders(archive: zipfile.ZipFile, subject: Subject, count: int, seed: int, folder: str) -> None:
     prefix = f"{folder}/" if folder else ""
     for index, scene in enumerate(training_scenes(subject, count, seed)):
-        buffer = io.BytesIO()
-        render(scene).save(buffer, format="PNG")
-        archive.writestr(f"{prefix}{subject.shape}_{index:02d}.png", buffer.getvalue())
-        archive.writestr(f"{prefix}{subject.shape}_{index:02d}.txt", caption(scene, shape_word=subject.trigger))
+        _write_captioned(archive, f"{prefix}{subject.shape}_{index:02d}", render(scene),
+                         caption(scene, shape_word=subject.trigger))
+
+
+def _write_captioned(archive: zipfile.ZipFile, stem: str, image: Image.Image, text: str) -> None:
+    """``stem.png`` and its sidecar caption ``stem.txt``, as a user's upload holds them."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    archive.writestr(f"{stem}.png", buffer.getvalue())
+    archive.writestr(f"{stem}.txt", text)
 
 
 def subject_probes(subject: Subject, count: int) -> list[Probe]:
     """``a photo of TOK``: is the subject there at all (shape only)."""
     scene = Scene(subject.shape, subject.colour, subject.train_backgrounds[0])
-    return [Probe(f"a photo of {subject.trigger}", scene, ("shape",)) for _ in range(count)]
+    return [Probe(name_caption(subject.trigger), scene, ("shape",)) for _ in range(count)]
 
 
 def training_caption_probes(subject: Subject, count: int, images: int = 10, seed: int = 0) -> list[Probe]:
@@ -127,10 +134,7 @@ def write_class_archive(generate: Generator, path: Path, count: int, seed: int =
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w") as archive:
         for index, (image, text) in enumerate(zip(generate(captions, seed), captions)):
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            archive.writestr(f"class_{index:03d}.png", buffer.getvalue())
-            archive.writestr(f"class_{index:03d}.txt", text)
+            _write_captioned(archive, f"class_{index:03d}", image, text)
     return path
 
 

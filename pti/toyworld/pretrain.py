@@ -19,7 +19,7 @@ from pti.dataset.text import PromptTokenizer, encode_prompt
 from pti.models.tiny_models import SCHEDULER_CONFIG, tiny_configs, write_clip_bpe
 from pti.toyworld.evaluator import images_to_tensor
 from pti.toyworld.paths import MINI_WORLD_DIR
-from pti.toyworld.world import BACKGROUNDS, KNOWN_SHAPES, SHAPES, VOCABULARY, Scene, render, scenes
+from pti.toyworld.world import BACKGROUNDS, KNOWN_SHAPES, SHAPES, VOCABULARY, Scene, name_caption, render, scenes
 
 IMAGE_SIZE = 64
 TIME_IDS = (IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE)
@@ -231,7 +231,7 @@ def training_caption(scene: Scene, rng: random.Random, settings: DiffusionSettin
     if draw < settings.caption_dropout + settings.partial_caption:
         return f"a photo of a {noun} on a {scene.background} background"
     if draw < settings.caption_dropout + settings.partial_caption + settings.name_only_caption:
-        return f"a photo of a {noun}" if rng.random() < 0.5 else f"a photo of {noun}"
+        return name_caption(noun, article=rng.random() < 0.5)
     return f"a photo of a {scene.colour} {noun} on a {scene.background} background"
 
 

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from pti.toyworld.evaluator import HEADS, Evaluator, read
-from pti.toyworld.world import HELD_OUT_SHAPES, KNOWN_SHAPES, Scene, caption, scenes
+from pti.toyworld.world import HELD_OUT_SHAPES, KNOWN_SHAPES, Scene, caption, name_caption, scenes
 
 
 @dataclass(frozen=True)
@@ -53,11 +53,6 @@ def score(evaluator: Evaluator, images: Sequence[Image.Image], expected: Sequenc
     return Score(accuracy=accuracy, shapes_read=dict(Counter(r.shape for r in readings)), count=len(expected))
 
 
-def name_only_prompt(scene: Scene) -> str:
-    """``"a photo of square"``: the shape's name and nothing else."""
-    return f"a photo of {scene.shape}"
-
-
 def probe_scenes(seed: int, count: int, shapes: Sequence[str]) -> list[Scene]:
     """Scenes to prompt for, from a seed range the pretraining never used."""
     return list(scenes(seed + 2_000_000, count, shapes=shapes))
@@ -70,7 +65,7 @@ def measure(pipe, evaluator: Evaluator, count: int = 96, held_out_count: int = 3
     TOK", which no pretraining caption has), and what the model draws when asked for a held-out shape."""
     results = {}
     runs = (("known", KNOWN_SHAPES, count, None, caption), ("known_empty_negative", KNOWN_SHAPES, count, "", caption),
-            ("known_name_only", KNOWN_SHAPES, count, None, name_only_prompt),
+            ("known_name_only", KNOWN_SHAPES, count, None, lambda scene: name_caption(scene.shape)),
             ("held_out", HELD_OUT_SHAPES, held_out_count, None, caption))
     for name, shapes, n, negative, prompt in runs:
         expected = probe_scenes(seed, n, shapes)

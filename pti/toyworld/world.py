@@ -138,6 +138,12 @@ def caption(scene: Scene, layout: bool = False, shape_word: str | None = None) -
             f"on a {scene.background} background")
 
 
+def name_caption(noun: str, article: bool = False) -> str:
+    """``"a photo of square"`` (``article``: ``"a photo of a square"``): the noun alone, the form of the
+    subject-fidelity prompt ``"a photo of TOK"``."""
+    return f"a photo of {'a ' if article else ''}{noun}"
+
+
 def sample_scene(rng: random.Random, shapes: Sequence[str] = KNOWN_SHAPES, colours: Sequence[str] = COLOUR_NAMES,
                  backgrounds: Sequence[str] = BACKGROUND_NAMES) -> Scene:
     """A random scene over the given words; colour/background pairs that are not ``compatible`` are never drawn."""
