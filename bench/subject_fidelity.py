@@ -10,10 +10,14 @@ reads the images back:
   learned but bound to the context it was shown in);
 * prompt fidelity: "a photo of a <colour> TOK on a <background> background", colours and backgrounds never in the
   training images: shape, colour and background all as asked;
-* prior: known-shape prompts read correctly, base model vs the trained weights loaded (the drop is the drift).
+* prior: known-shape prompts read correctly, base model vs the trained weights loaded (the drop is the drift);
+* leak: known-shape prompts read as the subject's shape (where the drift goes).
 
-    .venv/bin/python bench/subject_fidelity.py                    # every configuration, 300 steps
-    .venv/bin/python bench/subject_fidelity.py --steps 200 --only pivotal lora_rare_word
+Every configuration trains with the product's defaults (1000 steps, 100 warmup steps, its learning rates) except
+what a 64 px world needs (resolution 64, no captioning model, no salience crop).
+
+    .venv/bin/python bench/subject_fidelity.py                    # every configuration, 1000 steps
+    .venv/bin/python bench/subject_fidelity.py --steps 300 --only pivotal lora_rare_word
     .venv/bin/python bench/subject_fidelity.py --only pivotal --set lora_lr=3e-4 --set ti_lr=1e-3   # a variant
     .venv/bin/python bench/subject_fidelity.py --shape heart      # the other held-out shape
 """
@@ -43,9 +47,11 @@ from PIL import Image  # noqa: E402
 from pti.toyworld.evaluator import accuracy_on_renders, load_evaluator  # noqa: E402
 from pti.toyworld.fidelity import (  # noqa: E402
     Subject,
-    pass_rate,
+    passed_share,
     prior_probes,
     prompt_probes,
+    read_probes,
+    shape_share,
     subject_probes,
     training_caption_probes,
     write_class_archive,
@@ -55,7 +61,8 @@ from pti.toyworld.world import HELD_OUT_SHAPES  # noqa: E402
 
 # train() inputs shared by every configuration: the product's defaults, except what a 64 px toy world needs
 COMMON = dict(resolution=64, train_batch_size=4, captioning_model="", crop_based_on_salience=False,
-              validation_prompts="", verbose=False, checkpointing_steps=999999, lr_warmup_steps=0)
+              validation_prompts="", verbose=False, checkpointing_steps=999999)
+DEFAULT_STEPS = 1000  # train()'s max_train_steps default
 
 
 CLASS_DRAWINGS = 40  # class images of pivotal_prior_drawn
@@ -128,9 +135,9 @@ def train_input(assignment: str) -> tuple[str, object]:
         return name, text
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, steps: int = DEFAULT_STEPS) -> None:
     """The options every toy-world benchmark takes: step budget, which configurations, threads, extra train() inputs."""
-    parser.add_argument("--steps", type=int, default=300, help="training steps of every configuration")
+    parser.add_argument("--steps", type=int, default=steps, help="training steps of every configuration")
     parser.add_argument("--only", nargs="*", help="configuration names to run (default: all)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: fastest on a shared 2-core machine)")
     parser.add_argument("--set", type=train_input, action="append", default=[], metavar="NAME=VALUE",
@@ -148,7 +155,11 @@ def main() -> None:
     parser.add_argument("--shape", choices=HELD_OUT_SHAPES, default=HELD_OUT_SHAPES[0],
                         help="the held-out shape to teach (trained in red on grey, beige and sky)")
     parser.add_argument("--images", type=int, default=10, help="training images of the subject")
-    parser.add_argument("--probes", type=int, default=32, help="images per measure")
+    parser.add_argument("--lora-scale", type=float, default=Sampling.lora_scale, help="the predictor's lora_scale "
+                        "(its own default is 0.6; bench/README.md compares)")
+    parser.add_argument("--probes", type=int, default=32, help="images per measure (subject, prompt, training)")
+    parser.add_argument("--prior-probes", type=int, default=96, help="known-shape images per measure (drift and "
+                        "leak: the drift goal is 5 points)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -159,15 +170,18 @@ def main() -> None:
     evaluator = load_evaluator()
     renders = accuracy_on_renders(evaluator)
     probes = {"subject": subject_probes(subject, args.probes), "prompt": prompt_probes(subject, args.probes, seed=1),
-              "prior": prior_probes(args.probes, seed=2),
+              "prior": prior_probes(args.prior_probes, seed=2),
               "training": training_caption_probes(subject, args.probes, images=args.images)}
     predictor = Predictor()
     predictor.setup()
-    sampling = Sampling()
+    sampling = Sampling(lora_scale=args.lora_scale)
 
     def measure(weights: str | None) -> dict[str, float]:
         generate = predictor_generator(predictor, weights, sampling)
-        return {name: pass_rate(evaluator, generate, ps, seed=100 + k) for k, (name, ps) in enumerate(probes.items())}
+        readings = {name: read_probes(evaluator, generate, ps, seed=100 + k)
+                    for k, (name, ps) in enumerate(probes.items())}
+        return {**{name: passed_share(probes[name], r) for name, r in readings.items()},
+                "leak": shape_share(readings["prior"], subject.shape)}
 
     rows = [("base model (floor)", measure(None), 0.0)]
     work = Path(tempfile.mkdtemp(prefix="subject-fidelity-"))
@@ -190,16 +204,17 @@ def main() -> None:
     print(f"\nevaluator on 1000 fresh renders: shape {renders['shape']:.3f}, colour {renders['colour']:.3f}, "
           f"background {renders['background']:.3f}")
     print(f"subject: {subject.shape} in {subject.colour} on {', '.join(subject.train_backgrounds)}; {args.images} "
-          f"images; {args.steps} steps, batch {COMMON['train_batch_size']}; {args.probes} images per measure; "
+          f"images; {args.steps} steps, batch {COMMON['train_batch_size']}; {args.probes} images per measure, "
+          f"{args.prior_probes} for prior and leak; "
           f"sampling {sampling.steps} Euler steps, guidance {sampling.guidance}, lora_scale {sampling.lora_scale}"
           + settings_suffix(args.set) + "\n")
     print("| configuration | subject fidelity | prompt fidelity | training captions | prior (known shapes) "
-          "| drift (points) | train s |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"| drift (points) | known shapes drawn as {subject.shape} | train s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, rates, seconds in rows:
         drift = 100 * (base_prior - rates["prior"])
         print(f"| {name} | {rates['subject']:.2f} | {rates['prompt']:.2f} | {rates['training']:.2f} "
-              f"| {rates['prior']:.2f} | {drift:+.1f} | {seconds:.0f} |")
+              f"| {rates['prior']:.2f} | {drift:+.1f} | {rates['leak']:.2f} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,8 @@
 The toy world's two held-out shapes (the mini-world base model has drawn neither) go into one zip as two kohya
 concept folders, ``<repeats>_TOK star/`` (renders of a red star) and ``<repeats>_HRT heart/`` (renders of a blue
 heart), each with sidecar captions naming its trigger ("a photo of a red TOK on a grey background"). Each
-configuration runs ``train()`` (zip in, tar out, ``token_string="TOK,HRT"``) with the same step budget and the same
-inputs as ``bench/subject_fidelity.py``; the predictor (``SDXL_MODEL=mini-world``) then generates "a photo of TOK"
+configuration runs ``train()`` (zip in, tar out, ``token_string="TOK,HRT"``) with the same step budget and the
+inputs of ``bench/subject_fidelity.py``, but 300 steps without warmup (as its table in bench/README.md was measured); the predictor (``SDXL_MODEL=mini-world``) then generates "a photo of TOK"
 and "a photo of HRT" from each tar, and the toy world's evaluator reads the shapes back:
 
 * subject fidelity per trigger: TOK images read as a star, HRT images read as a heart;
@@ -38,6 +38,9 @@ from pti.formats.export import TRAINING_CONFIG_FILE  # noqa: E402
 from pti.toyworld.evaluator import load_evaluator, read  # noqa: E402
 from pti.toyworld.fidelity import ConceptUpload, Subject, write_concepts_archive  # noqa: E402
 from pti.toyworld.world import name_caption  # noqa: E402
+
+STEPS = 300
+NO_WARMUP = {"lr_warmup_steps": 0}
 
 STAR = Subject(shape="star", colour="red", trigger="TOK")
 HEART = Subject(shape="heart", colour="blue", trigger="HRT")
@@ -87,7 +90,7 @@ def samples_per_epoch(tar: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_run_arguments(parser)
+    add_run_arguments(parser, steps=STEPS)
     parser.add_argument("--probes", type=int, default=24, help="images per trigger and model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,7 +116,7 @@ def main() -> None:
         archive = write_concepts_archive((config.star, config.heart), work / f"{config.name}.zip")
         started = time.perf_counter()
         tar = train.train(input_images=archive, seed=0, max_train_steps=args.steps, token_string=TOKEN_STRING,
-                          **{**COMMON, **dict(args.set)}).weights
+                          **{**COMMON, **NO_WARMUP, **dict(args.set)}).weights
         seconds = time.perf_counter() - started
         print(f"{config.name}: trained in {seconds:.0f} s", flush=True)
         rows.append((config.name, config.what, samples_per_epoch(Path(tar)), measure(str(tar)), seconds))

@@ -213,3 +213,21 @@ def test_drawn_class_images_keep_their_own_captions_through_class_preprocessing(
         captioning_model=None, crop_based_on_salience=False, device="cpu"))
     with (dataset / "captions.csv").open(newline="", encoding="utf-8") as handle:
         assert sorted(row["caption"] for row in csv.DictReader(handle)) == sorted(drawn)
+
+
+def test_leak_counts_known_shape_prompts_drawn_as_the_subject(evaluator):
+    """bench/subject_fidelity.py's leak column: known-shape prompts whose image shows the subject's shape instead.
+    A generator that draws every third prompt as a heart fails those probes and leaks exactly them (the evaluator
+    reads fresh renders right, test_evaluator_reads_fresh_renders)."""
+    from pti.toyworld.fidelity import passed_share, prior_probes, read_probes, shape_share
+
+    probes = prior_probes(9, seed=4)
+
+    def draw(prompts, seed):
+        return [render(Scene("heart" if k % 3 == 0 else p.expected.shape, p.expected.colour, p.expected.background))
+                for k, p in enumerate(probes)]
+
+    readings = read_probes(evaluator, draw, probes, seed=0)
+    assert shape_share(readings, "heart") == pytest.approx(3 / 9)
+    assert passed_share(probes, readings) == pytest.approx(6 / 9)
+    assert shape_share(readings, "star") == 0

@@ -158,9 +158,23 @@ def prior_probes(count: int, seed: int = 0) -> list[Probe]:
     return probes
 
 
+def read_probes(evaluator: Evaluator, generate: Generator, probes: Sequence[Probe], seed: int) -> list[Reading]:
+    """What the evaluator reads in each probe's generated image."""
+    return read(evaluator, generate([p.prompt for p in probes], seed))
+
+
+def passed_share(probes: Sequence[Probe], readings: Sequence[Reading]) -> float:
+    """Share of the probes read as asked."""
+    return sum(p.passed(r) for p, r in zip(probes, readings)) / len(probes)
+
+
 def pass_rate(evaluator: Evaluator, generate: Generator, probes: Sequence[Probe], seed: int) -> float:
     """Share of the probes whose generated image the evaluator reads as asked."""
-    images = generate([p.prompt for p in probes], seed)
-    readings = read(evaluator, images)
-    return sum(p.passed(r) for p, r in zip(probes, readings)) / len(probes)
+    return passed_share(probes, read_probes(evaluator, generate, probes, seed))
+
+
+def shape_share(readings: Sequence[Reading], shape: str) -> float:
+    """Share of the images read as ``shape``: on known-shape prompts and the subject's shape, how far the subject
+    leaks into prompts that never named it."""
+    return sum(r.shape == shape for r in readings) / len(readings)
 
