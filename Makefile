@@ -22,8 +22,8 @@ test: $(VENV)/.installed
 
 # The demo: the toy world's pretrained mini SDXL (real SDXL classes, 64 px, committed in pti/toyworld/weights) has
 # never drawn a heart. Train it on 10 renders of a red heart (trigger word TOK) through the Cog train() entry point, then
-# ask the predictor for a blue TOK on a pink background: a colour and background it never saw the heart in. The
-# learning rates are 3x the product's defaults (tuned for 1024 px SDXL; bench/README.md has the sweep on this model).
+# ask the predictor for a blue TOK on a pink background: a colour and background it never saw the heart in. Training
+# runs at the product's defaults (1000 steps, its learning rates and warmup) except the 64 px resolution.
 DEMO ?= demo_out
 DEMO_ENV := SDXL_MODEL=mini-world COG_SDXL_CACHE=$(CURDIR)/.cache
 DEMO_PROMPT ?= a photo of a blue TOK on a pink background
@@ -31,8 +31,7 @@ DEMO_PROMPT ?= a photo of a blue TOK on a pink background
 demo: $(VENV)/.installed
 	$(PY) scripts/demo_subject.py $(DEMO)/subject.zip --shape heart
 	$(DEMO_ENV) $(PY) cog_local.py train -o $(DEMO)/train -i input_images=@$(DEMO)/subject.zip \
-		-i token_string=TOK -i resolution=64 -i train_batch_size=4 -i max_train_steps=300 -i lr_warmup_steps=0 \
-		-i lora_lr=3e-4 -i ti_lr=1e-3 \
+		-i token_string=TOK -i resolution=64 \
 		-i crop_based_on_salience=false -i captioning_model= -i validation_prompts="a photo of TOK|$(DEMO_PROMPT)" \
 		-i validation_num_inference_steps=20 -i seed=0
 	$(DEMO_ENV) $(PY) cog_local.py predict -o $(DEMO)/predict -i replicate_weights=@$(DEMO)/train/trained_model.tar \
