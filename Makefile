@@ -23,7 +23,7 @@ test: $(VENV)/.installed
 # The demo: the toy world's pretrained mini SDXL (real SDXL classes, 64 px, committed in pti/toyworld/weights) has
 # never drawn a heart. Train it on 10 renders of a red heart (trigger word TOK) through the Cog train() entry point, then
 # ask the predictor for a blue TOK on a pink background: a colour and background it never saw the heart in. Training
-# runs at the product's defaults (1000 steps, its learning rates and warmup) except the 64 px resolution.
+# runs at the product's defaults (1000 steps, its learning rates and warmup) except what a 64 px world needs.
 DEMO ?= demo_out
 DEMO_ENV := SDXL_MODEL=mini-world COG_SDXL_CACHE=$(CURDIR)/.cache
 DEMO_PROMPT ?= a photo of a blue TOK on a pink background

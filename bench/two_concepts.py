@@ -3,9 +3,10 @@
 The toy world's two held-out shapes (the mini-world base model has drawn neither) go into one zip as two kohya
 concept folders, ``<repeats>_TOK star/`` (renders of a red star) and ``<repeats>_HRT heart/`` (renders of a blue
 heart), each with sidecar captions naming its trigger ("a photo of a red TOK on a grey background"). Each
-configuration runs ``train()`` (zip in, tar out, ``token_string="TOK,HRT"``) with the same step budget and the
-inputs of ``bench/subject_fidelity.py``, but 300 steps without warmup (as its table in bench/README.md was measured); the predictor (``SDXL_MODEL=mini-world``) then generates "a photo of TOK"
-and "a photo of HRT" from each tar, and the toy world's evaluator reads the shapes back:
+configuration runs ``train()`` (zip in, tar out, ``token_string="TOK,HRT"``) with the inputs of
+``bench/subject_fidelity.py``, but 300 steps without warmup (as its table in bench/README.md was measured); the
+predictor (``SDXL_MODEL=mini-world``) then generates "a photo of TOK" and "a photo of HRT" from each tar, and the toy
+world's evaluator reads the shapes back:
 
 * subject fidelity per trigger: TOK images read as a star, HRT images read as a heart;
 * cross-talk: TOK images read as a heart, HRT images read as a star.
@@ -39,7 +40,7 @@ from pti.toyworld.evaluator import load_evaluator, read  # noqa: E402
 from pti.toyworld.fidelity import ConceptUpload, Subject, write_concepts_archive  # noqa: E402
 from pti.toyworld.world import name_caption  # noqa: E402
 
-STEPS = 300
+STEPS = 300  # the budget its bench/README.md table was measured with
 NO_WARMUP = {"lr_warmup_steps": 0}
 
 STAR = Subject(shape="star", colour="red", trigger="TOK")

@@ -30,6 +30,7 @@ from pti.toyworld.fidelity import prior_probes  # noqa: E402
 
 PROMPT = "a photo of a blue TOK on a pink background"
 PRIOR_SEED = 2  # bench/subject_fidelity.py's known-shape prompts
+KNOWN_SHAPES_LABEL = "known shapes, one prompt each\n(a photo of a <colour> <shape>\non a <background> background)"
 SCALE = 3
 LABEL_WIDTH = 260
 
@@ -90,8 +91,8 @@ def main() -> None:
     known = prior_probes(args.count, seed=PRIOR_SEED)
     asked = [f"{p.expected.colour} {p.expected.shape}" for p in known]
     for weights, name in ((None, "base model"), (tar, "trained tar loaded")):
-        rows.append(row(f"{name}:\nknown shapes, one prompt each\n(a photo of a <colour> <shape>\non a <background> background)",
-                        generate(predictor, [p.prompt for p in known], weights), evaluator, asked))
+        rows.append(row(f"{name}:\n{KNOWN_SHAPES_LABEL}", generate(predictor, [p.prompt for p in known], weights),
+                        evaluator, asked))
     figure = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
     for index, image in enumerate(rows):
         figure.paste(image, (0, sum(r.height for r in rows[:index])))
