@@ -47,6 +47,7 @@ from PIL import Image  # noqa: E402
 from pti.toyworld.evaluator import accuracy_on_renders, load_evaluator  # noqa: E402
 from pti.toyworld.fidelity import (  # noqa: E402
     Subject,
+    confused_shape,
     passed_share,
     prior_probes,
     prompt_probes,
@@ -57,7 +58,7 @@ from pti.toyworld.fidelity import (  # noqa: E402
     write_class_archive,
     write_training_archive,
 )
-from pti.toyworld.world import HELD_OUT_SHAPES  # noqa: E402
+from pti.toyworld.world import HELD_OUT_SHAPES, KNOWN_SHAPES  # noqa: E402
 
 # train() inputs shared by every configuration: the product's defaults, except what a 64 px toy world needs
 COMMON = dict(resolution=64, train_batch_size=4, captioning_model="", crop_based_on_salience=False,
@@ -73,7 +74,9 @@ class Config:
     name: str
     what: str
     inputs: dict = field(default_factory=dict)
-    drawn_class_images: bool = False  # class_images: the base model's drawings of assorted known-shape captions
+    # class_images drawn by the base model: "known" for assorted known-shape captions, "confused" for captions of the
+    # known shape it draws most for "a photo of TOK" (the class the new token bleeds into)
+    class_drawings: str | None = None
 
 
 CONFIGS = (
@@ -87,7 +90,11 @@ CONFIGS = (
            dict(class_prompt="a photo of a red circle on a grey background", num_class_images=10)),
     Config("pivotal_prior_drawn", f"pivotal tuning + prior preservation ({CLASS_DRAWINGS} class images the base model "
            "drew for assorted known-shape captions, uploaded with those captions: the DreamBooth paper's recipe)",
-           dict(class_prompt="a photo of a shape"), drawn_class_images=True),
+           dict(class_prompt="a photo of a shape"), class_drawings="known"),
+    Config("pivotal_prior_confused", f"pivotal tuning + prior preservation ({CLASS_DRAWINGS} class images the base "
+           "model drew for captions of the known shape it draws most for 'a photo of TOK': the class the new token "
+           "starts as, in assorted colours and backgrounds)", dict(class_prompt="a photo of a shape"),
+           class_drawings="confused"),
     Config("pivotal_prodigy", "pivotal tuning, Prodigy optimizer (learning rates found automatically)",
            dict(optimizer="prodigy")),
     Config("pivotal_text_encoder", "pivotal tuning + text-encoder LoRA (train_text_encoder, its defaults)",
@@ -154,6 +161,10 @@ def main() -> None:
     add_run_arguments(parser)
     parser.add_argument("--shape", choices=HELD_OUT_SHAPES, default=HELD_OUT_SHAPES[0],
                         help="the held-out shape to teach (trained in red on grey, beige and sky)")
+    parser.add_argument("--base-model", type=Path, help="a mini-world folder built elsewhere (scripts/"
+                        "build_mini_world.py --out, e.g. with --unet-channels) instead of the committed one")
+    parser.add_argument("--class-shape", choices=KNOWN_SHAPES, help="the class of pivotal_prior_confused's class "
+                        "images (default: the known shape the base model draws most for 'a photo of TOK')")
     parser.add_argument("--images", type=int, default=10, help="training images of the subject")
     parser.add_argument("--lora-scale", type=float, default=Sampling.lora_scale, help="the predictor's lora_scale "
                         "(its own default is 0.6; bench/README.md compares)")
@@ -162,6 +173,10 @@ def main() -> None:
                         "leak: the drift goal is 5 points)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.base_model:
+        os.environ["SDXL_MODEL"] = str(args.base_model.resolve())
+        for helper in ("SDXL_REFINER_MODEL", "SAFETY_CHECKER_MODEL", "FEATURE_EXTRACTOR_MODEL"):
+            os.environ.setdefault(helper, "tiny")  # as with mini-world: nothing here can download the real ones
 
     import train
     from predict import Predictor
@@ -176,38 +191,47 @@ def main() -> None:
     predictor.setup()
     sampling = Sampling(lora_scale=args.lora_scale)
 
-    def measure(weights: str | None) -> dict[str, float]:
+    def read_all(weights: str | None) -> dict[str, list]:
         generate = predictor_generator(predictor, weights, sampling)
-        readings = {name: read_probes(evaluator, generate, ps, seed=100 + k)
-                    for k, (name, ps) in enumerate(probes.items())}
+        return {name: read_probes(evaluator, generate, ps, seed=100 + k) for k, (name, ps) in enumerate(probes.items())}
+
+    def rates(readings: dict[str, list]) -> dict[str, float]:
         return {**{name: passed_share(probes[name], r) for name, r in readings.items()},
                 "leak": shape_share(readings["prior"], subject.shape)}
 
-    rows = [("base model (floor)", measure(None), 0.0)]
+    base_readings = read_all(None)
+    confused = args.class_shape or confused_shape(base_readings["subject"])
+    rows = [("base model (floor)", rates(base_readings), 0.0)]
     work = Path(tempfile.mkdtemp(prefix="subject-fidelity-"))
     archive = write_training_archive(subject, work / "subject.zip", count=args.images)
     for config in CONFIGS:
         if args.only and config.name not in args.only:
             continue
         inputs = {**COMMON, **config.inputs, **dict(args.set)}
-        if config.drawn_class_images:
+        if config.class_drawings:
+            shapes = (confused,) if config.class_drawings == "confused" else KNOWN_SHAPES
             inputs["class_images"] = write_class_archive(predictor_generator(predictor, None, sampling),
-                                                         work / "class.zip", CLASS_DRAWINGS, seed=3)
+                                                         work / f"class-{config.name}.zip", CLASS_DRAWINGS, seed=3,
+                                                         shapes=shapes)
         started = time.perf_counter()
         tar = train.train(input_images=archive, seed=0, max_train_steps=args.steps,
                           token_string=subject.trigger, **inputs).weights
         seconds = time.perf_counter() - started
-        rows.append((f"{config.name}: {config.what}", measure(str(tar)), seconds))
+        rows.append((f"{config.name}: {config.what}", rates(read_all(str(tar))), seconds))
         print(f"{config.name}: trained in {seconds:.0f} s", flush=True)
 
     base_prior = rows[0][1]["prior"]
-    print(f"\nevaluator on 1000 fresh renders: shape {renders['shape']:.3f}, colour {renders['colour']:.3f}, "
+    print(f"\nbase model: {os.environ['SDXL_MODEL']}")
+    print(f"evaluator on 1000 fresh renders: shape {renders['shape']:.3f}, colour {renders['colour']:.3f}, "
           f"background {renders['background']:.3f}")
     print(f"subject: {subject.shape} in {subject.colour} on {', '.join(subject.train_backgrounds)}; {args.images} "
           f"images; {args.steps} steps, batch {COMMON['train_batch_size']}; {args.probes} images per measure, "
           f"{args.prior_probes} for prior and leak; "
           f"sampling {sampling.steps} Euler steps, guidance {sampling.guidance}, lora_scale {sampling.lora_scale}"
-          + settings_suffix(args.set) + "\n")
+          + settings_suffix(args.set))
+    drawn_as_confused = shape_share(base_readings["subject"], confused)
+    print(f"the base model draws 'a photo of {subject.trigger}' as a {confused} in {drawn_as_confused:.2f} of images; "
+          f"pivotal_prior_confused's class: {confused}" + (" (--class-shape)" if args.class_shape else "") + "\n")
     print("| configuration | subject fidelity | prompt fidelity | training captions | prior (known shapes) "
           f"| drift (points) | known shapes drawn as {subject.shape} | train s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

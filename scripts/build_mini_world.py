@@ -44,6 +44,8 @@ def parse_args() -> argparse.Namespace:
                         "the committed recipe's three")
     parser.add_argument("--name-only-stage", action="store_true", help="append a stage with name-only captions "
                         "('a photo of square'); see bench/README.md")
+    parser.add_argument("--unet-channels", type=int, nargs=2, metavar=("LEVEL1", "LEVEL2"), help="the UNet's "
+                        "widths (committed: 64 128); with --out elsewhere, for bench/subject_fidelity.py --base-model")
     parser.add_argument("--train-evaluator", action="store_true")
     parser.add_argument("--measure-only", action="store_true")
     parser.add_argument("--count", type=int, default=192, help="known-shape captions to generate and read back")
@@ -58,6 +60,8 @@ def settings_from(args: argparse.Namespace) -> BuildSettings:
         settings = replace(settings, vae=replace(settings.vae, steps=args.vae_steps))
     if args.diffusion_steps is not None:
         settings = replace(settings, stages=(DiffusionStage(DiffusionSettings(steps=args.diffusion_steps), seed=0),))
+    if args.unet_channels is not None:
+        settings = replace(settings, unet_channels=tuple(args.unet_channels))
     if args.name_only_stage:
         settings = replace(settings, stages=settings.stages + (name_only_stage(),))
     return settings

@@ -231,3 +231,64 @@ def test_leak_counts_known_shape_prompts_drawn_as_the_subject(evaluator):
     assert shape_share(readings, "heart") == pytest.approx(3 / 9)
     assert passed_share(probes, readings) == pytest.approx(6 / 9)
     assert shape_share(readings, "star") == 0
+
+
+def test_confused_shape_is_the_known_shape_read_most_often(evaluator):
+    """bench/subject_fidelity.py's pivotal_prior_confused: the class of its class images is the known shape the base
+    model draws most for "a photo of TOK". Held-out shapes never count (their drawings are the subject, not a class
+    to preserve); a tie goes to the first name in sorted order, so the choice is the same on every machine."""
+    from pti.toyworld.evaluator import read
+    from pti.toyworld.fidelity import confused_shape
+
+    def drawings(*shapes):
+        return read(evaluator, [render(Scene(shape, "blue", "grey")) for shape in shapes])
+
+    assert confused_shape(drawings("cross", "heart", "heart", "heart", "circle", "cross")) == "cross"
+    assert confused_shape(drawings("square", "circle", "heart")) == "circle"
+    with pytest.raises(ValueError, match="no known shape"):
+        confused_shape(drawings("heart", "star"))
+
+
+def test_class_archive_draws_only_the_asked_known_shapes(tmp_path):
+    """Class images of one class (the confused shape) in assorted colours and backgrounds; a held-out shape is refused
+    before anything is drawn or written."""
+    import zipfile
+
+    from pti.toyworld.fidelity import write_class_archive
+
+    asked = []
+
+    def draw(prompts, seed):
+        asked.extend(prompts)
+        return [render(Scene("cross", "red", "grey")) for _ in prompts]
+
+    archive = write_class_archive(draw, tmp_path / "class.zip", count=12, seed=1, shapes=("cross",))
+    assert all(" cross " in prompt for prompt in asked) and len(asked) == 12
+    assert len({prompt for prompt in asked}) > 3, "colours and backgrounds vary"
+    with zipfile.ZipFile(archive) as opened:
+        assert len(opened.namelist()) == 24
+    asked.clear()
+    with pytest.raises(ValueError, match="known shapes"):
+        write_class_archive(draw, tmp_path / "held_out.zip", count=2, shapes=("heart",))
+    assert not asked and not (tmp_path / "held_out.zip").exists()
+
+
+def test_a_rebuilt_world_of_another_width_loads_as_a_base_model_folder(tmp_path):
+    """scripts/build_mini_world.py --unet-channels --out: a few steps of the real recipe at another UNet width, saved
+    as the committed folder is, load through the product's own base-model code (SDXL_MODEL=<folder>) with that width,
+    and draw a 64-pixel image. What the wider model learns is measured in bench/README.md, not here."""
+    from pti.models.base_model import load_sdxl_pipeline, pick_runtime
+    from pti.toyworld.pretrain import (BuildSettings, DiffusionSettings, DiffusionStage, VaeSettings, pretrain,
+                                       save_pipeline)
+
+    settings = BuildSettings(vae=VaeSettings(steps=2, batch_size=2, train_images=8),
+                             stages=(DiffusionStage(DiffusionSettings(steps=2, batch_size=2, warmup_steps=1,
+                                                                      train_images=8), seed=0),),
+                             unet_channels=(32, 64))
+    pipe, losses = pretrain(settings, progress=False)
+    assert len(losses) == 2 and all(loss == loss for loss in losses)
+    save_pipeline(pipe, tmp_path / "narrow", half=True)
+    loaded = load_sdxl_pipeline(str(tmp_path / "narrow"), pick_runtime("fp32", "cpu"))
+    assert tuple(loaded.unet.config.block_out_channels) == (32, 64)
+    images = generate(loaded, ["a photo of a red square on a grey background"], seed=0, steps=2)
+    assert images[0].size == (64, 64)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import random
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,11 +127,16 @@ def training_caption_probes(subject: Subject, count: int, images: int = 10, seed
             for scene in (scene_list[k % len(scene_list)] for k in range(count))]
 
 
-def write_class_archive(generate: Generator, path: Path, count: int, seed: int = 0) -> Path:
+def write_class_archive(generate: Generator, path: Path, count: int, seed: int = 0,
+                        shapes: Sequence[str] = KNOWN_SHAPES) -> Path:
     """Prior preservation as the DreamBooth paper does it: ``count`` images the base model draws for captions of
-    known shapes in assorted colours and backgrounds, each zipped with its caption as a sidecar file."""
+    ``shapes`` (default: every known shape) in assorted colours and backgrounds, each zipped with its caption as a
+    sidecar file."""
+    unknown = sorted(set(shapes) - set(KNOWN_SHAPES))
+    if not shapes or unknown:
+        raise ValueError(f"class images need known shapes; got {list(shapes)}")
     rng = random.Random(seed)
-    captions = [caption(sample_scene(rng, KNOWN_SHAPES)) for _ in range(count)]
+    captions = [caption(sample_scene(rng, tuple(shapes))) for _ in range(count)]
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w") as archive:
         for index, (image, text) in enumerate(zip(generate(captions, seed), captions)):
@@ -171,6 +177,15 @@ def passed_share(probes: Sequence[Probe], readings: Sequence[Reading]) -> float:
 def pass_rate(evaluator: Evaluator, generate: Generator, probes: Sequence[Probe], seed: int) -> float:
     """Share of the probes whose generated image the evaluator reads as asked."""
     return passed_share(probes, read_probes(evaluator, generate, probes, seed))
+
+
+def confused_shape(readings: Sequence[Reading]) -> str:
+    """The known shape the base model draws most often for the subject's prompts: the class the new token starts out
+    as, and so the class its training bleeds into (DreamBooth's "class noun", found by reading instead of naming)."""
+    counts = Counter(r.shape for r in readings if r.shape in KNOWN_SHAPES)
+    if not counts:
+        raise ValueError("the base model drew no known shape for the subject's prompts")
+    return max(sorted(counts), key=counts.__getitem__)
 
 
 def shape_share(readings: Sequence[Reading], shape: str) -> float:

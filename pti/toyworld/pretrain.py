@@ -83,9 +83,12 @@ class BuildSettings:
     seed: int = 0
     vae: VaeSettings = field(default_factory=VaeSettings)
     stages: tuple[DiffusionStage, ...] = field(default_factory=default_stages)
+    # the UNet's two levels; the committed model's (64, 128). Wider ones measure whether a LoRA's drift comes from
+    # being a large share of each layer (bench/README.md)
+    unet_channels: tuple[int, int] = (64, 128)
 
 
-def mini_configs(vocab_size: int) -> dict:
+def mini_configs(vocab_size: int, unet_channels: tuple[int, int] = (64, 128)) -> dict:
     """The tiny pipeline's configs with cross-attention at both UNet levels and a VAE sized for 64-pixel images.
     The VAE's group norms span all channels of a layer: with few channels, small groups normalise away the absolute
     colours of flat regions."""
@@ -94,7 +97,7 @@ def mini_configs(vocab_size: int) -> dict:
         sample_size=IMAGE_SIZE // 8,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(64, 128),
+        block_out_channels=tuple(unet_channels),
         attention_head_dim=(4, 8),
         transformer_layers_per_block=(1, 1),
     )
@@ -118,7 +121,7 @@ def write_tokenizers(folder: Path) -> int:
     return vocab_size
 
 
-def build_untrained(seed: int) -> dict:
+def build_untrained(seed: int, unet_channels: tuple[int, int] = (64, 128)) -> dict:
     """Every pipeline component at its random initialisation from ``seed``."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -130,7 +133,7 @@ def build_untrained(seed: int) -> dict:
         tokenizer_2 = CLIPTokenizer.from_pretrained(tmp / "tokenizer_2")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    configs = mini_configs(vocab_size)
+    configs = mini_configs(vocab_size, unet_channels)
     torch.manual_seed(seed)
     return dict(
         vae=AutoencoderKL(**configs["vae"]),
@@ -331,7 +334,7 @@ def assemble(components: dict):
 
 def pretrain(settings: BuildSettings, progress: bool = True):
     """VAE, its latent scaling factor, then UNet + text encoders; the assembled pipeline and the diffusion loss curve."""
-    components = build_untrained(settings.seed)
+    components = build_untrained(settings.seed, settings.unet_channels)
     train_vae(components["vae"], settings.vae, settings.seed, progress)
     means, stds = encode_images(components["vae"], render_batch(list(scenes(settings.seed + 30, 2048, shapes=SHAPES))))
     components["vae"].register_to_config(scaling_factor=latent_scaling_factor(means, stds))
