@@ -31,6 +31,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,9 +75,9 @@ class Config:
     name: str
     what: str
     inputs: dict = field(default_factory=dict)
-    # class_images drawn by the base model: "known" for assorted known-shape captions, "confused" for captions of the
-    # known shape it draws most for "a photo of TOK" (the class the new token bleeds into)
-    class_drawings: str | None = None
+    # class_images drawn by the base model: "known" for assorted known-shape captions, "confused" for captions of one
+    # known shape (the one it draws most for "a photo of TOK", or --class-shape)
+    class_drawings: Literal["known", "confused"] | None = None
 
 
 CONFIGS = (
@@ -200,16 +201,18 @@ def main() -> None:
                 "leak": shape_share(readings["prior"], subject.shape)}
 
     base_readings = read_all(None)
-    confused = args.class_shape or confused_shape(base_readings["subject"])
     rows = [("base model (floor)", rates(base_readings), 0.0)]
+    class_shape = args.class_shape  # pivotal_prior_confused's class, read from the base model's drawings when asked
     work = Path(tempfile.mkdtemp(prefix="subject-fidelity-"))
     archive = write_training_archive(subject, work / "subject.zip", count=args.images)
     for config in CONFIGS:
         if args.only and config.name not in args.only:
             continue
         inputs = {**COMMON, **config.inputs, **dict(args.set)}
+        if config.class_drawings == "confused":
+            class_shape = class_shape or confused_shape(base_readings["subject"])
         if config.class_drawings:
-            shapes = (confused,) if config.class_drawings == "confused" else KNOWN_SHAPES
+            shapes = (class_shape,) if config.class_drawings == "confused" else KNOWN_SHAPES
             inputs["class_images"] = write_class_archive(predictor_generator(predictor, None, sampling),
                                                          work / f"class-{config.name}.zip", CLASS_DRAWINGS, seed=3,
                                                          shapes=shapes)
@@ -229,9 +232,12 @@ def main() -> None:
           f"{args.prior_probes} for prior and leak; "
           f"sampling {sampling.steps} Euler steps, guidance {sampling.guidance}, lora_scale {sampling.lora_scale}"
           + settings_suffix(args.set))
-    drawn_as_confused = shape_share(base_readings["subject"], confused)
-    print(f"the base model draws 'a photo of {subject.trigger}' as a {confused} in {drawn_as_confused:.2f} of images; "
-          f"pivotal_prior_confused's class: {confused}" + (" (--class-shape)" if args.class_shape else "") + "\n")
+    if class_shape:
+        drawn_as_class = shape_share(base_readings["subject"], class_shape)
+        print(f"pivotal_prior_confused's class: {class_shape}" + (" (--class-shape)" if args.class_shape else "")
+              + f"; the base model draws 'a photo of {subject.trigger}' as a {class_shape} in {drawn_as_class:.2f} "
+              "of images")
+    print()
     print("| configuration | subject fidelity | prompt fidelity | training captions | prior (known shapes) "
           f"| drift (points) | known shapes drawn as {subject.shape} | train s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")

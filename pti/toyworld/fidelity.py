@@ -181,7 +181,8 @@ def pass_rate(evaluator: Evaluator, generate: Generator, probes: Sequence[Probe]
 
 def confused_shape(readings: Sequence[Reading]) -> str:
     """The known shape the base model draws most often for the subject's prompts: the class the new token starts out
-    as, and so the class its training bleeds into (DreamBooth's "class noun", found by reading instead of naming)."""
+    as (DreamBooth's "class noun", found by reading instead of naming). Measured: not the class the drift goes to
+    (bench/README.md, "Where the drift goes")."""
     counts = Counter(r.shape for r in readings if r.shape in KNOWN_SHAPES)
     if not counts:
         raise ValueError("the base model drew no known shape for the subject's prompts")

@@ -78,17 +78,19 @@ def name_only_stage() -> DiffusionStage:
                                             name_only_caption=0.15), seed=3)
 
 
+COMMITTED_UNET_CHANNELS = (64, 128)  # the UNet's two levels in the committed model
+
+
 @dataclass(frozen=True)
 class BuildSettings:
     seed: int = 0
     vae: VaeSettings = field(default_factory=VaeSettings)
     stages: tuple[DiffusionStage, ...] = field(default_factory=default_stages)
-    # the UNet's two levels; the committed model's (64, 128). Wider ones measure whether a LoRA's drift comes from
-    # being a large share of each layer (bench/README.md)
-    unet_channels: tuple[int, int] = (64, 128)
+    # wider UNets measure whether a LoRA's drift comes from being a large share of each layer (bench/README.md)
+    unet_channels: tuple[int, int] = COMMITTED_UNET_CHANNELS
 
 
-def mini_configs(vocab_size: int, unet_channels: tuple[int, int] = (64, 128)) -> dict:
+def mini_configs(vocab_size: int, unet_channels: tuple[int, int] = COMMITTED_UNET_CHANNELS) -> dict:
     """The tiny pipeline's configs with cross-attention at both UNet levels and a VAE sized for 64-pixel images.
     The VAE's group norms span all channels of a layer: with few channels, small groups normalise away the absolute
     colours of flat regions."""
@@ -121,7 +123,7 @@ def write_tokenizers(folder: Path) -> int:
     return vocab_size
 
 
-def build_untrained(seed: int, unet_channels: tuple[int, int] = (64, 128)) -> dict:
+def build_untrained(seed: int, unet_channels: tuple[int, int] = COMMITTED_UNET_CHANNELS) -> dict:
     """Every pipeline component at its random initialisation from ``seed``."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
