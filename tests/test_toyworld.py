@@ -189,6 +189,31 @@ def test_training_caption_probes_ask_for_exactly_the_uploaded_captions(tmp_path)
     assert all(p.checks == ("shape",) and p.expected.shape == subject.shape for p in probes)
 
 
+def test_name_only_training_captions_are_the_first_n_and_out_of_range_writes_nothing(tmp_path):
+    """bench/subject_fidelity.py --name-only-captions N: the first N images are captioned with the trigger alone (the
+    subject probe's form), the rest name colour and background; the images are the same renders either way."""
+    import zipfile
+
+    from pti.toyworld.fidelity import Subject, write_training_archive
+
+    subject = Subject()
+
+    def uploaded(path):
+        with zipfile.ZipFile(path) as archive:
+            names = sorted(archive.namelist())
+            return ([archive.read(n).decode() for n in names if n.endswith(".txt")],
+                    [archive.read(n) for n in names if n.endswith(".png")])
+
+    full_captions, full_images = uploaded(write_training_archive(subject, tmp_path / "full.zip", count=4))
+    captions, images = uploaded(write_training_archive(subject, tmp_path / "mixed.zip", count=4, name_only=3))
+    assert captions == ["a photo of TOK"] * 3 + full_captions[3:]
+    assert all(subject.colour in text and "background" in text for text in full_captions)
+    assert images == full_images
+    with pytest.raises(ValueError, match="name_only"):
+        write_training_archive(subject, tmp_path / "bad.zip", count=4, name_only=5)
+    assert not (tmp_path / "bad.zip").exists()
+
+
 def test_drawn_class_images_keep_their_own_captions_through_class_preprocessing(tmp_path, pipe):
     """Prior preservation's class upload (bench/subject_fidelity.py's pivotal_prior_drawn): the base model's own
     drawings of known-shape captions, each trained with its caption rather than class_prompt."""

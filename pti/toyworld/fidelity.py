@@ -65,11 +65,15 @@ def training_scenes(subject: Subject, count: int, seed: int = 0) -> list[Scene]:
     return [sample_scene(rng, (subject.shape,), (subject.colour,), subject.train_backgrounds) for _ in range(count)]
 
 
-def write_training_archive(subject: Subject, path: Path, count: int = 10, seed: int = 0) -> Path:
-    """A zip of ``count`` renders with sidecar captions naming the trigger word, as a user would upload it."""
+def write_training_archive(subject: Subject, path: Path, count: int = 10, seed: int = 0, name_only: int = 0) -> Path:
+    """A zip of ``count`` renders with sidecar captions naming the trigger word, as a user would upload it. The first
+    ``name_only`` captions are the trigger alone ("a photo of TOK", DreamBooth's instance prompt), the others name
+    colour and background too."""
+    if not 0 <= name_only <= count:
+        raise ValueError(f"name_only must be between 0 and the {count} images, got {name_only}")
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w") as archive:
-        _write_renders(archive, subject, count, seed, folder="")
+        _write_renders(archive, subject, count, seed, folder="", name_only=name_only)
     return path
 
 
@@ -97,11 +101,12 @@ def write_concepts_archive(concepts: Sequence[ConceptUpload], path: Path, seed: 
     return path
 
 
-def _write_renders(archive: zipfile.ZipFile, subject: Subject, count: int, seed: int, folder: str) -> None:
+def _write_renders(archive: zipfile.ZipFile, subject: Subject, count: int, seed: int, folder: str,
+                   name_only: int = 0) -> None:
     prefix = f"{folder}/" if folder else ""
     for index, scene in enumerate(training_scenes(subject, count, seed)):
-        _write_captioned(archive, f"{prefix}{subject.shape}_{index:02d}", render(scene),
-                         caption(scene, shape_word=subject.trigger))
+        text = name_caption(subject.trigger) if index < name_only else caption(scene, shape_word=subject.trigger)
+        _write_captioned(archive, f"{prefix}{subject.shape}_{index:02d}", render(scene), text)
 
 
 def _write_captioned(archive: zipfile.ZipFile, stem: str, image: Image.Image, text: str) -> None:
