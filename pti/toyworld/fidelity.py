@@ -65,7 +65,8 @@ def training_scenes(subject: Subject, count: int, seed: int = 0) -> list[Scene]:
     return [sample_scene(rng, (subject.shape,), (subject.colour,), subject.train_backgrounds) for _ in range(count)]
 
 
-def write_training_archive(subject: Subject, path: Path, count: int = 10, seed: int = 0, name_only: int = 0) -> Path:
+def write_training_archive(subject: Subject, path: Path, count: int = 10, seed: int = 0,
+                           name_only: int = 0) -> Path:
     """A zip of ``count`` renders with sidecar captions naming the trigger word, as a user would upload it. The first
     ``name_only`` captions are the trigger alone ("a photo of TOK", DreamBooth's instance prompt), the others name
     colour and background too."""
