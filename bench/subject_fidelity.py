@@ -232,7 +232,8 @@ def main() -> None:
     print(f"evaluator on 1000 fresh renders: shape {renders['shape']:.3f}, colour {renders['colour']:.3f}, "
           f"background {renders['background']:.3f}")
     print(f"subject: {subject.shape} in {subject.colour} on {', '.join(subject.train_backgrounds)}; {args.images} "
-          f"images ({args.name_only_captions} captioned 'a photo of {subject.trigger}' alone); {args.steps} steps, batch {COMMON['train_batch_size']}; {args.probes} images per measure, "
+          f"images ({args.name_only_captions} captioned 'a photo of {subject.trigger}' alone); {args.steps} steps, "
+          f"batch {COMMON['train_batch_size']}; {args.probes} images per measure, "
           f"{args.prior_probes} for prior and leak; "
           f"sampling {sampling.steps} Euler steps, guidance {sampling.guidance}, lora_scale {sampling.lora_scale}"
           + settings_suffix(args.set))
