@@ -170,6 +170,8 @@ def main() -> None:
     parser.add_argument("--name-only-captions", type=int, default=0, metavar="N", help="caption the first N "
                         "training images 'a photo of TOK' alone (DreamBooth's instance prompt); the others name colour "
                         "and background")
+    parser.add_argument("--colourless-captions", type=int, default=0, metavar="N", help="caption the next N "
+                        "training images without their colour ('a photo of a TOK on a grey background')")
     parser.add_argument("--lora-scale", type=float, default=Sampling.lora_scale, help="the predictor's lora_scale "
                         "(its own default is 0.6; bench/README.md compares)")
     parser.add_argument("--probes", type=int, default=32, help="images per measure (subject, prompt, training)")
@@ -208,7 +210,7 @@ def main() -> None:
     class_shape = args.class_shape  # pivotal_prior_confused's class, read from the base model's drawings when asked
     work = Path(tempfile.mkdtemp(prefix="subject-fidelity-"))
     archive = write_training_archive(subject, work / "subject.zip", count=args.images,
-                                     name_only=args.name_only_captions)
+                                     name_only=args.name_only_captions, colourless=args.colourless_captions)
     for config in CONFIGS:
         if args.only and config.name not in args.only:
             continue
@@ -232,7 +234,8 @@ def main() -> None:
     print(f"evaluator on 1000 fresh renders: shape {renders['shape']:.3f}, colour {renders['colour']:.3f}, "
           f"background {renders['background']:.3f}")
     print(f"subject: {subject.shape} in {subject.colour} on {', '.join(subject.train_backgrounds)}; {args.images} "
-          f"images ({args.name_only_captions} captioned 'a photo of {subject.trigger}' alone); {args.steps} steps, "
+          f"images ({args.name_only_captions} captioned 'a photo of {subject.trigger}' alone, "
+          f"{args.colourless_captions} without their colour); {args.steps} steps, "
           f"batch {COMMON['train_batch_size']}; {args.probes} images per measure, "
           f"{args.prior_probes} for prior and leak; "
           f"sampling {sampling.steps} Euler steps, guidance {sampling.guidance}, lora_scale {sampling.lora_scale}"

@@ -189,9 +189,10 @@ def test_training_caption_probes_ask_for_exactly_the_uploaded_captions(tmp_path)
     assert all(p.checks == ("shape",) and p.expected.shape == subject.shape for p in probes)
 
 
-def test_name_only_training_captions_are_the_first_n_and_out_of_range_writes_nothing(tmp_path):
-    """bench/subject_fidelity.py --name-only-captions N: the first N images are captioned with the trigger alone (the
-    subject probe's form), the rest name colour and background; the images are the same renders either way."""
+def test_caption_forms_of_the_training_archive_and_out_of_range_writes_nothing(tmp_path):
+    """bench/subject_fidelity.py --name-only-captions N --colourless-captions M: the first N images are captioned
+    with the trigger alone (the subject probe's form), the next M without their colour, the rest name colour and
+    background; the images are the same renders either way."""
     import zipfile
 
     from pti.toyworld.fidelity import Subject, write_training_archive
@@ -205,12 +206,17 @@ def test_name_only_training_captions_are_the_first_n_and_out_of_range_writes_not
                     [archive.read(n) for n in names if n.endswith(".png")])
 
     full_captions, full_images = uploaded(write_training_archive(subject, tmp_path / "full.zip", count=4))
-    captions, images = uploaded(write_training_archive(subject, tmp_path / "mixed.zip", count=4, name_only=3))
-    assert captions == ["a photo of TOK"] * 3 + full_captions[3:]
+    captions, images = uploaded(write_training_archive(subject, tmp_path / "mixed.zip", count=4, name_only=2,
+                                                       colourless=1))
+    assert captions[:2] == ["a photo of TOK"] * 2
+    assert captions[2] == full_captions[2].replace(f"{subject.colour} ", "")
+    assert captions[2].startswith("a photo of a TOK on a ") and subject.colour not in captions[2]
+    assert captions[3] == full_captions[3]
     assert all(subject.colour in text and "background" in text for text in full_captions)
     assert images == full_images
-    with pytest.raises(ValueError, match="name_only"):
-        write_training_archive(subject, tmp_path / "bad.zip", count=4, name_only=5)
+    for name_only, colourless in ((5, 0), (2, 3), (-1, 0)):
+        with pytest.raises(ValueError, match="must fit in the 4 images"):
+            write_training_archive(subject, tmp_path / "bad.zip", count=4, name_only=name_only, colourless=colourless)
     assert not (tmp_path / "bad.zip").exists()
 
 

@@ -10,6 +10,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from PIL import Image
 
@@ -25,6 +26,9 @@ from pti.toyworld.world import (
     render,
     sample_scene,
 )
+
+# how a training image is captioned: colour and background named, the background only, or the trigger alone
+CaptionForm = Literal["full", "colourless", "name"]
 
 # prompts → one image per prompt; the int is a seed, so every generator is asked for the same images
 Generator = Callable[[list[str], int], list[Image.Image]]
@@ -65,16 +69,18 @@ def training_scenes(subject: Subject, count: int, seed: int = 0) -> list[Scene]:
     return [sample_scene(rng, (subject.shape,), (subject.colour,), subject.train_backgrounds) for _ in range(count)]
 
 
-def write_training_archive(subject: Subject, path: Path, count: int = 10, seed: int = 0,
-                           name_only: int = 0) -> Path:
+def write_training_archive(subject: Subject, path: Path, count: int = 10, seed: int = 0, name_only: int = 0,
+                           colourless: int = 0) -> Path:
     """A zip of ``count`` renders with sidecar captions naming the trigger word, as a user would upload it. The first
-    ``name_only`` captions are the trigger alone ("a photo of TOK", DreamBooth's instance prompt), the others name
-    colour and background too."""
-    if not 0 <= name_only <= count:
-        raise ValueError(f"name_only must be between 0 and the {count} images, got {name_only}")
+    ``name_only`` captions are the trigger alone ("a photo of TOK", DreamBooth's instance prompt), the next
+    ``colourless`` ones name the background but not the colour, the others name both."""
+    if name_only < 0 or colourless < 0 or name_only + colourless > count:
+        raise ValueError(f"name_only ({name_only}) and colourless ({colourless}) captions must fit in the {count} "
+                         "images")
+    forms: list[CaptionForm] = ["name"] * name_only + ["colourless"] * colourless + ["full"] * (count - name_only - colourless)
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w") as archive:
-        _write_renders(archive, subject, count, seed, folder="", name_only=name_only)
+        _write_renders(archive, subject, count, seed, folder="", forms=forms)
     return path
 
 
@@ -103,11 +109,20 @@ def write_concepts_archive(concepts: Sequence[ConceptUpload], path: Path, seed: 
 
 
 def _write_renders(archive: zipfile.ZipFile, subject: Subject, count: int, seed: int, folder: str,
-                   name_only: int = 0) -> None:
+                   forms: Sequence[CaptionForm] = ()) -> None:
     prefix = f"{folder}/" if folder else ""
     for index, scene in enumerate(training_scenes(subject, count, seed)):
-        text = name_caption(subject.trigger) if index < name_only else caption(scene, shape_word=subject.trigger)
+        text = _training_caption(scene, subject.trigger, forms[index] if index < len(forms) else "full")
         _write_captioned(archive, f"{prefix}{subject.shape}_{index:02d}", render(scene), text)
+
+
+def _training_caption(scene: Scene, trigger: str, form: CaptionForm) -> str:
+    """The caption of one training image in one of the forms the base model was pretrained on."""
+    if form == "name":
+        return name_caption(trigger)
+    if form == "colourless":
+        return f"a photo of a {trigger} on a {scene.background} background"
+    return caption(scene, shape_word=trigger)
 
 
 def _write_captioned(archive: zipfile.ZipFile, stem: str, image: Image.Image, text: str) -> None:
