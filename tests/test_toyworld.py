@@ -43,6 +43,9 @@ def test_caption_says_what_the_scene_holds():
         words = caption(scene, layout=True).split()
         assert {scene.shape, scene.colour, scene.background} <= set(words)
         assert ("small" in words) != ("large" in words)
+        assert caption(scene, colour=False) == f"a photo of a {scene.shape} on a {scene.background} background"
+    with pytest.raises(ValueError, match="no layout form"):
+        caption(scene, layout=True, colour=False)
 
 
 def test_render_paints_the_named_colours():

@@ -77,7 +77,8 @@ def write_training_archive(subject: Subject, path: Path, count: int = 10, seed: 
     if name_only < 0 or colourless < 0 or name_only + colourless > count:
         raise ValueError(f"name_only ({name_only}) and colourless ({colourless}) captions must fit in the {count} "
                          "images")
-    forms: list[CaptionForm] = ["name"] * name_only + ["colourless"] * colourless + ["full"] * (count - name_only - colourless)
+    full = count - name_only - colourless
+    forms: list[CaptionForm] = ["name"] * name_only + ["colourless"] * colourless + ["full"] * full
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w") as archive:
         _write_renders(archive, subject, count, seed, folder="", forms=forms)
@@ -121,7 +122,7 @@ def _training_caption(scene: Scene, trigger: str, form: CaptionForm) -> str:
     if form == "name":
         return name_caption(trigger)
     if form == "colourless":
-        return f"a photo of a {trigger} on a {scene.background} background"
+        return caption(scene, shape_word=trigger, colour=False)
     return caption(scene, shape_word=trigger)
 
 

@@ -127,10 +127,15 @@ def _position_word(x: float, y: float) -> str:
     return (vertical + horizontal).strip() or "centre"
 
 
-def caption(scene: Scene, layout: bool = False, shape_word: str | None = None) -> str:
+def caption(scene: Scene, layout: bool = False, shape_word: str | None = None, colour: bool = True) -> str:
     """``"a photo of a red square on a grey background"``; with ``layout`` also size and position words.
-    ``shape_word`` replaces the shape's name (e.g. by a trigger token)."""
+    ``shape_word`` replaces the shape's name (e.g. by a trigger token); ``colour=False`` leaves the colour out (one of
+    the pretraining captions' partial forms)."""
     noun = shape_word if shape_word is not None else scene.shape
+    if not colour and layout:
+        raise ValueError("a caption without its colour has no layout form")
+    if not colour:
+        return f"a photo of a {noun} on a {scene.background} background"
     if not layout:
         return f"a photo of a {scene.colour} {noun} on a {scene.background} background"
     size_word = "small" if scene.radius < sum(RADIUS_RANGE) / 2 else "large"
