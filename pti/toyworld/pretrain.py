@@ -19,7 +19,7 @@ from pti.dataset.text import PromptTokenizer, encode_prompt
 from pti.models.tiny_models import SCHEDULER_CONFIG, tiny_configs, write_clip_bpe
 from pti.toyworld.evaluator import images_to_tensor
 from pti.toyworld.paths import MINI_WORLD_DIR
-from pti.toyworld.world import BACKGROUNDS, KNOWN_SHAPES, SHAPES, VOCABULARY, Scene, name_caption, render, scenes
+from pti.toyworld.world import BACKGROUNDS, KNOWN_SHAPES, SHAPES, VOCABULARY, Scene, caption, name_caption, render, scenes
 
 IMAGE_SIZE = 64
 TIME_IDS = (IMAGE_SIZE, IMAGE_SIZE, 0, 0, IMAGE_SIZE, IMAGE_SIZE)
@@ -234,7 +234,7 @@ def training_caption(scene: Scene, rng: random.Random, settings: DiffusionSettin
     if draw < settings.caption_dropout + settings.partial_caption / 2:
         return f"a photo of a {scene.colour} {noun}"
     if draw < settings.caption_dropout + settings.partial_caption:
-        return f"a photo of a {noun} on a {scene.background} background"
+        return caption(scene, shape_word=noun, colour=False)
     if draw < settings.caption_dropout + settings.partial_caption + settings.name_only_caption:
         return name_caption(noun, article=rng.random() < 0.5)
     return f"a photo of a {scene.colour} {noun} on a {scene.background} background"
