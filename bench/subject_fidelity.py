@@ -20,6 +20,7 @@ what a 64 px world needs (resolution 64, no captioning model, no salience crop).
     .venv/bin/python bench/subject_fidelity.py --steps 300 --only pivotal lora_rare_word
     .venv/bin/python bench/subject_fidelity.py --only pivotal --set lora_lr=3e-4 --set ti_lr=1e-3   # a variant
     .venv/bin/python bench/subject_fidelity.py --shape heart      # the other held-out shape
+    .venv/bin/python bench/subject_fidelity.py --score /tmp/cog-sdxl-train-*/trained_model.tar --guidance 7.5  # re-read
 """
 
 from __future__ import annotations
@@ -174,6 +175,10 @@ def main() -> None:
                         "training images without their colour ('a photo of a TOK on a grey background')")
     parser.add_argument("--lora-scale", type=float, default=Sampling.lora_scale, help="the predictor's lora_scale "
                         "(its own default is 0.6; bench/README.md compares)")
+    parser.add_argument("--guidance", type=float, default=Sampling.guidance, help="the predictor's guidance_scale")
+    parser.add_argument("--score", type=Path, nargs="+", metavar="TAR", help="read back these trained tars (from "
+                        "earlier runs: each run's log names its tar) instead of training: other sampling settings "
+                        "on the same weights")
     parser.add_argument("--probes", type=int, default=32, help="images per measure (subject, prompt, training)")
     parser.add_argument("--prior-probes", type=int, default=96, help="known-shape images per measure (drift and "
                         "leak: the drift goal is 5 points)")
@@ -195,7 +200,7 @@ def main() -> None:
               "training": training_caption_probes(subject, args.probes, images=args.images)}
     predictor = Predictor()
     predictor.setup()
-    sampling = Sampling(lora_scale=args.lora_scale)
+    sampling = Sampling(guidance=args.guidance, lora_scale=args.lora_scale)
 
     def read_all(weights: str | None) -> dict[str, list]:
         generate = predictor_generator(predictor, weights, sampling)
@@ -211,8 +216,10 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="subject-fidelity-"))
     archive = write_training_archive(subject, work / "subject.zip", count=args.images,
                                      name_only=args.name_only_captions, colourless=args.colourless_captions)
+    for tar in args.score or ():
+        rows.append((f"scored: {tar}", rates(read_all(str(tar.resolve()))), 0.0))
     for config in CONFIGS:
-        if args.only and config.name not in args.only:
+        if args.score or (args.only and config.name not in args.only):
             continue
         inputs = {**COMMON, **config.inputs, **dict(args.set)}
         if config.class_drawings == "confused":
@@ -227,7 +234,7 @@ def main() -> None:
                           token_string=subject.trigger, **inputs).weights
         seconds = time.perf_counter() - started
         rows.append((f"{config.name}: {config.what}", rates(read_all(str(tar))), seconds))
-        print(f"{config.name}: trained in {seconds:.0f} s", flush=True)
+        print(f"{config.name}: trained in {seconds:.0f} s, {tar}", flush=True)
 
     base_prior = rows[0][1]["prior"]
     print(f"\nbase model: {os.environ['SDXL_MODEL']}")
