@@ -242,7 +242,8 @@ def main() -> None:
           f"background {renders['background']:.3f}")
     print(f"subject: {subject.shape} in {subject.colour} on {', '.join(subject.train_backgrounds)}; {args.images} "
           f"images ({args.name_only_captions} captioned 'a photo of {subject.trigger}' alone, "
-          f"{args.colourless_captions} without their colour); {args.steps} steps, "
+          f"{args.colourless_captions} without their colour); "
+          f"{'steps as each tar was trained' if args.score else f'{args.steps} steps'}, "
           f"batch {COMMON['train_batch_size']}; {args.probes} images per measure, "
           f"{args.prior_probes} for prior and leak; "
           f"sampling {sampling.steps} Euler steps, guidance {sampling.guidance}, lora_scale {sampling.lora_scale}"
