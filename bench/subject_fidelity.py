@@ -158,6 +158,20 @@ def settings_suffix(assignments: list[tuple[str, object]]) -> str:
     return "".join(f"; {name}={value}" for name, value in assignments)
 
 
+TRAINING_ONLY_OPTIONS = ("steps", "only", "set", "name_only_captions", "colourless_captions")
+
+
+def refuse_training_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--score reads tars already trained: an option that only shapes training would be silently ignored."""
+    given = [name for name in TRAINING_ONLY_OPTIONS if getattr(args, name) != parser.get_default(name)]
+    if given:
+        options = ", ".join("--" + name.replace("_", "-") for name in given)
+        parser.error(f"--score reads tars already trained; {options} only shape training, so leave them out")
+    missing = [str(tar) for tar in args.score if not tar.is_file()]
+    if missing:
+        parser.error(f"--score: no such tar: {', '.join(missing)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_run_arguments(parser)
@@ -183,6 +197,8 @@ def main() -> None:
     parser.add_argument("--prior-probes", type=int, default=96, help="known-shape images per measure (drift and "
                         "leak: the drift goal is 5 points)")
     args = parser.parse_args()
+    if args.score:
+        refuse_training_options(parser, args)
     torch.set_num_threads(args.threads)
     if args.base_model:
         os.environ["SDXL_MODEL"] = str(args.base_model.resolve())
@@ -213,14 +229,14 @@ def main() -> None:
     base_readings = read_all(None)
     rows = [("base model (floor)", rates(base_readings), 0.0)]
     class_shape = args.class_shape  # pivotal_prior_confused's class, read from the base model's drawings when asked
-    work = Path(tempfile.mkdtemp(prefix="subject-fidelity-"))
-    archive = write_training_archive(subject, work / "subject.zip", count=args.images,
-                                     name_only=args.name_only_captions, colourless=args.colourless_captions)
     for tar in args.score or ():
         rows.append((f"scored: {tar}", rates(read_all(str(tar.resolve()))), 0.0))
-    for config in CONFIGS:
-        if args.score or (args.only and config.name not in args.only):
-            continue
+    configs = [] if args.score else [c for c in CONFIGS if not args.only or c.name in args.only]
+    if configs:
+        work = Path(tempfile.mkdtemp(prefix="subject-fidelity-"))
+        archive = write_training_archive(subject, work / "subject.zip", count=args.images,
+                                         name_only=args.name_only_captions, colourless=args.colourless_captions)
+    for config in configs:
         inputs = {**COMMON, **config.inputs, **dict(args.set)}
         if config.class_drawings == "confused":
             class_shape = class_shape or confused_shape(base_readings["subject"])
@@ -240,10 +256,11 @@ def main() -> None:
     print(f"\nbase model: {os.environ['SDXL_MODEL']}")
     print(f"evaluator on 1000 fresh renders: shape {renders['shape']:.3f}, colour {renders['colour']:.3f}, "
           f"background {renders['background']:.3f}")
+    captions = ("captions and steps as each tar was trained" if args.score else
+                f"{args.name_only_captions} captioned 'a photo of {subject.trigger}' alone, "
+                f"{args.colourless_captions} without their colour; {args.steps} steps")
     print(f"subject: {subject.shape} in {subject.colour} on {', '.join(subject.train_backgrounds)}; {args.images} "
-          f"images ({args.name_only_captions} captioned 'a photo of {subject.trigger}' alone, "
-          f"{args.colourless_captions} without their colour); "
-          f"{'steps as each tar was trained' if args.score else f'{args.steps} steps'}, "
+          f"images ({captions}), "
           f"batch {COMMON['train_batch_size']}; {args.probes} images per measure, "
           f"{args.prior_probes} for prior and leak; "
           f"sampling {sampling.steps} Euler steps, guidance {sampling.guidance}, lora_scale {sampling.lora_scale}"

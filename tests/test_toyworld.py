@@ -328,3 +328,34 @@ def test_a_rebuilt_world_of_another_width_loads_as_a_base_model_folder(tmp_path)
     assert tuple(loaded.unet.config.block_out_channels) == (32, 64)
     images = generate(loaded, ["a photo of a red square on a grey background"], seed=0, steps=2)
     assert images[0].size == (64, 64)
+
+
+
+def run_subject_fidelity(*arguments: str):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "subject_fidelity.py"
+    return subprocess.run([sys.executable, str(script), *arguments], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("extra, named", [(["--steps", "5"], "--steps"), (["--only", "pivotal"], "--only"),
+                                          (["--set", "rank=4", "--name-only-captions", "3"],
+                                           "--set, --name-only-captions"),
+                                          (["--colourless-captions", "2"], "--colourless-captions")])
+def test_score_refuses_options_that_only_shape_training(tmp_path, extra, named):
+    """bench/subject_fidelity.py --score re-reads trained tars: an option it would silently ignore is refused in one
+    line naming it, before any model is loaded."""
+    tar = tmp_path / "trained_model.tar"
+    tar.write_bytes(b"")
+    result = run_subject_fidelity("--score", str(tar), *extra)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        f"error: --score reads tars already trained; {named} only shape training, so leave them out")
+
+
+def test_score_refuses_a_missing_tar(tmp_path):
+    result = run_subject_fidelity("--score", str(tmp_path / "gone.tar"))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(f"error: --score: no such tar: {tmp_path / 'gone.tar'}")
