@@ -237,7 +237,7 @@ def training_caption(scene: Scene, rng: random.Random, settings: DiffusionSettin
         return caption(scene, shape_word=noun, colour=False)
     if draw < settings.caption_dropout + settings.partial_caption + settings.name_only_caption:
         return name_caption(noun, article=rng.random() < 0.5)
-    return f"a photo of a {scene.colour} {noun} on a {scene.background} background"
+    return caption(scene, shape_word=noun)
 
 
 def alphas_cumprod() -> torch.Tensor:
