@@ -50,6 +50,7 @@ from pti.toyworld.evaluator import accuracy_on_renders, load_evaluator  # noqa: 
 from pti.toyworld.fidelity import (  # noqa: E402
     Subject,
     confused_shape,
+    misses,
     passed_share,
     prior_probes,
     prompt_probes,
@@ -227,10 +228,10 @@ def main() -> None:
                 "leak": shape_share(readings["prior"], subject.shape)}
 
     base_readings = read_all(None)
-    rows = [("base model (floor)", rates(base_readings), 0.0)]
+    rows = [("base model", "base model (floor)", base_readings, 0.0)]
     class_shape = args.class_shape  # pivotal_prior_confused's class, read from the base model's drawings when asked
     for tar in args.score or ():
-        rows.append((f"scored: {tar}", rates(read_all(str(tar.resolve()))), 0.0))
+        rows.append((str(tar), f"scored: {tar}", read_all(str(tar.resolve())), 0.0))
     configs = [] if args.score else [c for c in CONFIGS if not args.only or c.name in args.only]
     if configs:
         work = Path(tempfile.mkdtemp(prefix="subject-fidelity-"))
@@ -249,10 +250,10 @@ def main() -> None:
         tar = train.train(input_images=archive, seed=0, max_train_steps=args.steps,
                           token_string=subject.trigger, **inputs).weights
         seconds = time.perf_counter() - started
-        rows.append((f"{config.name}: {config.what}", rates(read_all(str(tar))), seconds))
+        rows.append((config.name, f"{config.name}: {config.what}", read_all(str(tar)), seconds))
         print(f"{config.name}: trained in {seconds:.0f} s, {tar}", flush=True)
 
-    base_prior = rows[0][1]["prior"]
+    base_prior = rates(base_readings)["prior"]
     print(f"\nbase model: {os.environ['SDXL_MODEL']}")
     print(f"evaluator on 1000 fresh renders: shape {renders['shape']:.3f}, colour {renders['colour']:.3f}, "
           f"background {renders['background']:.3f}")
@@ -274,10 +275,15 @@ def main() -> None:
     print("| configuration | subject fidelity | prompt fidelity | training captions | prior (known shapes) "
           f"| drift (points) | known shapes drawn as {subject.shape} | train s |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, rates, seconds in rows:
-        drift = 100 * (base_prior - rates["prior"])
-        print(f"| {name} | {rates['subject']:.2f} | {rates['prompt']:.2f} | {rates['training']:.2f} "
-              f"| {rates['prior']:.2f} | {drift:+.1f} | {rates['leak']:.2f} | {seconds:.0f} |")
+    for _, name, readings, seconds in rows:
+        row = rates(readings)
+        drift = 100 * (base_prior - row["prior"])
+        print(f"| {name} | {row['subject']:.2f} | {row['prompt']:.2f} | {row['training']:.2f} "
+              f"| {row['prior']:.2f} | {drift:+.1f} | {row['leak']:.2f} | {seconds:.0f} |")
+    print("\nWhere the subject and prompt probes miss, head by head (the shapes drawn instead):")
+    for label, _, readings, _ in rows:
+        print(f"- {label}: subject {misses(probes['subject'], readings['subject']).describe()}; "
+              f"prompt {misses(probes['prompt'], readings['prompt']).describe()}")
 
 
 if __name__ == "__main__":

@@ -359,3 +359,23 @@ def test_score_refuses_a_missing_tar(tmp_path):
     result = run_subject_fidelity("--score", str(tmp_path / "gone.tar"))
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].endswith(f"error: --score: no such tar: {tmp_path / 'gone.tar'}")
+
+
+def test_misses_count_each_wrong_head_and_the_shapes_drawn_instead():
+    """bench/subject_fidelity.py's head-by-head line: which check a failed probe missed, and what shape came back."""
+    from pti.toyworld.evaluator import Reading
+    from pti.toyworld.fidelity import Subject, misses, prompt_probes
+
+    probes = prompt_probes(Subject(), 4, seed=0)
+
+    def reading(probe, **wrong):
+        asked = {head: getattr(probe.expected, head) for head in ("shape", "colour", "background")}
+        return Reading(**{**asked, **wrong}, confidence={})
+
+    readings = [reading(probes[0]), reading(probes[1], shape="circle"),
+                reading(probes[2], shape="circle", colour="red"), reading(probes[3], shape="square")]
+    found = misses(probes, readings)
+    assert found.by_head == {"shape": 3, "colour": 1, "background": 0}
+    assert found.shapes_instead == {"circle": 2, "square": 1}
+    assert found.describe() == "missed shape 3 (circle 2, square 1), colour 1, background 0 of 4"
+    assert [p.passed(r) for p, r in zip(probes, readings)] == [True, False, False, False]

@@ -61,7 +61,11 @@ class Probe:
     checks: tuple[str, ...]
 
     def passed(self, reading: Reading) -> bool:
-        return all(getattr(reading, head) == getattr(self.expected, head) for head in self.checks)
+        return not self.missed(reading)
+
+    def missed(self, reading: Reading) -> tuple[str, ...]:
+        """The checked heads that read something other than the asked scene."""
+        return tuple(head for head in self.checks if getattr(reading, head) != getattr(self.expected, head))
 
 
 def training_scenes(subject: Subject, count: int, seed: int = 0) -> list[Scene]:
@@ -216,3 +220,37 @@ def shape_share(readings: Sequence[Reading], shape: str) -> float:
     leaks into prompts that never named it."""
     return sum(r.shape == shape for r in readings) / len(readings)
 
+
+
+@dataclass(frozen=True)
+class Misses:
+    """Why probes failed, head by head: how many read each checked head wrong (a probe can miss several), and what
+    the shape head read instead of the asked shape."""
+
+    probes: int
+    by_head: dict[str, int]
+    shapes_instead: dict[str, int]
+
+    def describe(self) -> str:
+        """``shape 12 of 32 (circle 10, hexagon 2), colour 0, background 1``."""
+        parts = []
+        for head, count in self.by_head.items():
+            instead = ""
+            if head == "shape" and self.shapes_instead:
+                instead = " (" + ", ".join(f"{shape} {n}" for shape, n in self.shapes_instead.items()) + ")"
+            parts.append(f"{head} {count}{instead}")
+        return f"missed {', '.join(parts)} of {self.probes}"
+
+
+def misses(probes: Sequence[Probe], readings: Sequence[Reading]) -> Misses:
+    """Count each probe's missed heads; the shapes drawn instead are listed most common first, ties by name."""
+    heads = [head for head in ("shape", "colour", "background") if any(head in p.checks for p in probes)]
+    by_head = dict.fromkeys(heads, 0)
+    instead: Counter[str] = Counter()
+    for probe, reading in zip(probes, readings, strict=True):
+        for head in probe.missed(reading):
+            by_head[head] += 1
+            if head == "shape":
+                instead[reading.shape] += 1
+    ordered = sorted(instead.items(), key=lambda item: (-item[1], item[0]))
+    return Misses(probes=len(probes), by_head=by_head, shapes_instead=dict(ordered))
