@@ -51,6 +51,7 @@ from pti.toyworld.fidelity import (  # noqa: E402
     Subject,
     confused_shape,
     misses,
+    passed_by,
     passed_share,
     prior_probes,
     prompt_probes,
@@ -61,7 +62,7 @@ from pti.toyworld.fidelity import (  # noqa: E402
     write_class_archive,
     write_training_archive,
 )
-from pti.toyworld.world import HELD_OUT_SHAPES, KNOWN_SHAPES  # noqa: E402
+from pti.toyworld.world import BACKGROUND_NAMES, HELD_OUT_SHAPES, KNOWN_SHAPES  # noqa: E402
 
 # train() inputs shared by every configuration: the product's defaults, except what a 64 px toy world needs
 COMMON = dict(resolution=64, train_batch_size=4, captioning_model="", crop_based_on_salience=False,
@@ -183,6 +184,10 @@ def main() -> None:
     parser.add_argument("--class-shape", choices=KNOWN_SHAPES, help="the class of pivotal_prior_confused's class "
                         "images (default: the known shape the base model draws most for 'a photo of TOK')")
     parser.add_argument("--images", type=int, default=10, help="training images of the subject")
+    parser.add_argument("--backgrounds", nargs="+", choices=BACKGROUND_NAMES, default=Subject.train_backgrounds,
+                        metavar="BACKGROUND", help="the training images' backgrounds (default: %(default)s, all lighter "
+                        "than the red subject); the prompt probes use the others. One of "
+                        + ", ".join(BACKGROUND_NAMES))
     parser.add_argument("--name-only-captions", type=int, default=0, metavar="N", help="caption the first N "
                         "training images 'a photo of TOK' alone (DreamBooth's instance prompt); the others name colour "
                         "and background")
@@ -198,6 +203,8 @@ def main() -> None:
     parser.add_argument("--prior-probes", type=int, default=96, help="known-shape images per measure (drift and "
                         "leak: the drift goal is 5 points)")
     args = parser.parse_args()
+    if set(args.backgrounds) >= set(BACKGROUND_NAMES):
+        parser.error("--backgrounds: leave at least one background out for the prompt probes")
     if args.score:
         refuse_training_options(parser, args)
     torch.set_num_threads(args.threads)
@@ -209,7 +216,7 @@ def main() -> None:
     import train
     from predict import Predictor
 
-    subject = Subject(shape=args.shape)
+    subject = Subject(shape=args.shape, train_backgrounds=tuple(dict.fromkeys(args.backgrounds)))
     evaluator = load_evaluator()
     renders = accuracy_on_renders(evaluator)
     probes = {"subject": subject_probes(subject, args.probes), "prompt": prompt_probes(subject, args.probes, seed=1),
@@ -284,6 +291,10 @@ def main() -> None:
     for label, _, readings, _ in rows:
         print(f"- {label}: subject {misses(probes['subject'], readings['subject']).describe()}; "
               f"prompt {misses(probes['prompt'], readings['prompt']).describe()}")
+        by = {attribute: ", ".join(f"{value} {passed}/{asked}" for value, (passed, asked)
+                                   in passed_by(probes["prompt"], readings["prompt"], attribute).items())
+              for attribute in ("colour", "background")}
+        print(f"  prompt probes passed by asked colour: {by['colour']}; by background: {by['background']}")
 
 
 if __name__ == "__main__":

@@ -379,3 +379,18 @@ def test_misses_count_each_wrong_head_and_the_shapes_drawn_instead():
     assert found.shapes_instead == {"circle": 2, "square": 1}
     assert found.describe() == "missed shape 3 (circle 2, square 1), colour 1, background 0 of 4"
     assert [p.passed(r) for p, r in zip(probes, readings)] == [True, False, False, False]
+
+
+def test_passed_by_tallies_prompt_probes_per_asked_colour_and_background():
+    from pti.toyworld.evaluator import Reading
+    from pti.toyworld.fidelity import Probe, passed_by
+
+    def probe(colour, background):
+        return Probe(f"a photo of a {colour} TOK on a {background} background", Scene("heart", colour, background),
+                     ("shape", "colour", "background"))
+
+    probes = [probe("white", "teal"), probe("black", "pink"), probe("white", "pink")]
+    readings = [Reading("circle", "white", "teal", {}), Reading("heart", "black", "pink", {}),
+                Reading("heart", "white", "pink", {})]
+    assert passed_by(probes, readings, "colour") == {"white": (1, 2), "black": (1, 1)}
+    assert list(passed_by(probes, readings, "background").items()) == [("pink", (2, 2)), ("teal", (0, 1))]

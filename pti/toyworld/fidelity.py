@@ -254,3 +254,15 @@ def misses(probes: Sequence[Probe], readings: Sequence[Reading]) -> Misses:
                 instead[reading.shape] += 1
     ordered = sorted(instead.items(), key=lambda item: (-item[1], item[0]))
     return Misses(probes=len(probes), by_head=by_head, shapes_instead=dict(ordered))
+
+
+def passed_by(probes: Sequence[Probe], readings: Sequence[Reading], attribute: str) -> dict[str, tuple[int, int]]:
+    """Probes read as asked / probes, per asked value of ``attribute`` ("colour" or "background") in the world's
+    order: which new colours and backgrounds the subject carries to, and which it does not."""
+    order = {"colour": COLOUR_NAMES, "background": BACKGROUND_NAMES}[attribute]
+    tally = {value: [0, 0] for value in order}
+    for probe, reading in zip(probes, readings, strict=True):
+        counts = tally[getattr(probe.expected, attribute)]
+        counts[0] += probe.passed(reading)
+        counts[1] += 1
+    return {value: (passed, asked) for value, (passed, asked) in tally.items() if asked}
