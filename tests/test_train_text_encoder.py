@@ -177,6 +177,22 @@ def test_the_predictor_applies_the_text_encoder_lora_at_lora_scale_and_unloads_e
     assert_same_state(effective_state(pipe), base_state, "none after A, B, A")
 
 
+def test_lora_change_reads_every_part_of_the_tar_and_the_text_encoders_move(predictor, trained_tar):
+    """bench/lora_change.py on a real train() tar: the kohya file's UNet and both text-encoder parts, and a text
+    change far above float noise on prompts without the trigger, with the weights unloaded afterwards."""
+    from bench.lora_change import kohya_state, text_change
+    from pti.formats.lora_change import change_by_part
+
+    parts = {part.part: part for part in change_by_part(kohya_state(trained_tar))}
+    assert list(parts) == ["unet", "te1", "te2"]
+    assert all(part.largest >= part.median > CHANGED for part in parts.values())
+    predictor.weights.use_all([])
+    base_state = effective_state(predictor.models.txt2img)
+    relative, pooled_cos = text_change(predictor, trained_tar, ["a photo of a dog", "a red house"])
+    assert relative > CHANGED and pooled_cos < 1 - CHANGED
+    assert_same_state(effective_state(predictor.models.txt2img), base_state, "unloaded after the measure")
+
+
 def test_the_bare_kohya_file_with_its_embedding_draws_what_the_tar_draws_and_mixes_with_other_loras(
         predictor, trained_tar, unpacked, tmp_path):
     trained = image(predictor, replicate_weights=str(trained_tar))
