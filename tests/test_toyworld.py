@@ -394,3 +394,10 @@ def test_passed_by_tallies_prompt_probes_per_asked_colour_and_background():
                 Reading("heart", "white", "pink", {})]
     assert passed_by(probes, readings, "colour") == {"white": (1, 2), "black": (1, 1)}
     assert list(passed_by(probes, readings, "background").items()) == [("pink", (2, 2)), ("teal", (0, 1))]
+
+
+def test_backgrounds_must_leave_one_for_the_prompt_probes():
+    result = run_subject_fidelity("--backgrounds", *BACKGROUND_NAMES)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].endswith(
+        "error: --backgrounds: leave at least one background out for the prompt probes")
